@@ -1,0 +1,353 @@
+"""The plugin API: what a device family implements and what the core hands it.
+
+Lifecycle of one plugin instance (``plugins.<name>`` in the config):
+
+1. The config section is validated against ``Plugin.Config`` before anything starts; a bad key
+   stops the daemon with ``file:line: plugins.<name>.<key>: message``.
+2. ``Plugin(name, config, context)`` is constructed: no I/O here.
+3. ``start()`` opens listeners, connections and ports; it may return a Deferred. If it fails the
+   instance's ``startup_error_behavior`` decides: ``error`` stops the daemon, ``retry`` retries with
+   backoff, ``ignore`` marks the plugin failed and the rest run on.
+4. While running, the plugin calls ``context.emit(...)`` for every event and answers commands.
+   Callbacks it schedules itself should go through ``context.guard`` so an exception marks the
+   plugin failed in ``/health`` instead of vanishing.
+5. ``stop()`` closes everything; it may return a Deferred. The daemon flushes the queues after.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ValidationError
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from gatewayd.events import Event
+from gatewayd.schema import ConfigModel, PluginConfig
+
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = [
+    "BadArguments",
+    "Busy",
+    "Command",
+    "CommandError",
+    "Device",
+    "DeviceRefused",
+    "DeviceTimeout",
+    "NotFound",
+    "Plugin",
+    "PluginConfig",
+    "PluginContext",
+    "PluginMetrics",
+    "Simulator",
+    "command",
+]
+
+
+# --- command errors: each maps to one HTTP status of the control API --------------------------
+
+
+class CommandError(Exception):
+    """A command that did not succeed; ``status`` is the HTTP status the control API answers."""
+
+    status = 500
+    code: str | int = "error"
+
+    def __init__(self, message: str, code: str | int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+class BadArguments(CommandError):
+    """400: an argument is missing, unknown or has a bad value; the message names it."""
+
+    status = 400
+    code = "bad_arguments"
+
+
+class NotFound(CommandError):
+    """404: unknown plugin, command or device, or the device is offline."""
+
+    status = 404
+    code = "not_found"
+
+
+class Busy(CommandError):
+    """409: the device already has an operation of this kind outstanding."""
+
+    status = 409
+    code = "busy"
+
+
+class DeviceRefused(CommandError):
+    """502: the device or card answered with a refusal; ``code`` is its own code."""
+
+    status = 502
+    code = "refused"
+
+
+class DeviceTimeout(CommandError):
+    """504: the device did not answer in time."""
+
+    status = 504
+    code = "timeout"
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command a plugin accepts: its name, argument model and bound handler."""
+
+    name: str
+    args: type[BaseModel] | None
+    handler: Callable[..., Any]
+    doc: str = ""
+
+    def call(self, arguments: dict[str, Any]) -> defer.Deferred:
+        """Validate ``arguments`` and run the handler; always returns a Deferred.
+
+        The handler receives the validated model (or nothing when the command takes no
+        arguments) and returns a JSON-able result, a Deferred of one, or raises CommandError.
+        """
+        try:
+            if self.args is None:
+                if arguments:
+                    raise BadArguments(
+                        f"{self.name} takes no arguments, got: {', '.join(sorted(arguments))}"
+                    )
+                return defer.maybeDeferred(self.handler)
+            try:
+                parsed = self.args.model_validate(arguments)
+            except ValidationError as exc:
+                raise BadArguments(describe_validation_error(exc)) from None
+            return defer.maybeDeferred(self.handler, parsed)
+        except CommandError as exc:
+            return defer.fail(exc)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """``slot: Input should be less than or equal to 3; bank: Field required``."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "arguments"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown argument"
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def command(name: str | None = None, args: type[BaseModel] | None = None):
+    """Mark a plugin method as a command: ``@command("lend", args=LendArgs)``.
+
+    ``args`` is a pydantic model (derive from ``ConfigModel`` to refuse unknown arguments).
+    """
+
+    def mark(method: Callable[..., Any]) -> Callable[..., Any]:
+        method.__gatewayd_command__ = (name or method.__name__, args)  # type: ignore[attr-defined]
+        return method
+
+    return mark
+
+
+# --- devices and metrics -----------------------------------------------------------------------
+
+
+@dataclass
+class Device:
+    """One device as ``GET /api/v1/devices`` lists it."""
+
+    id: str
+    online: bool
+    last_seen: float | None = None  # POSIX time
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PluginMetrics:
+    """Counters every plugin keeps; ``/metrics`` reads them at scrape time (no locks needed).
+
+    ``gauges`` holds extra per-plugin figures as callables (for example a queue length).
+    """
+
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_invalid: int = 0
+    commands: dict[str, int] = field(default_factory=dict)  # "name:outcome" → count
+    gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
+
+    def count_command(self, name: str, outcome: str) -> None:
+        key = f"{name}:{outcome}"
+        self.commands[key] = self.commands.get(key, 0) + 1
+
+    def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """Publish ``gatewayd_plugin_<name>{plugin=...}`` computed by ``read()`` at scrape time."""
+        self.gauges[name] = (help_text, read)
+
+
+# --- the context the core hands a plugin --------------------------------------------------------
+
+
+class PluginContext:
+    """What a plugin gets from the core: reactor, state dir, logger, emit and failure reporting."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        protocol: str,
+        gateway_id: str,
+        reactor: Any,
+        state_dir: Path,
+        sink: Callable[[Event], defer.Deferred],
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.protocol = protocol
+        self.gateway_id = gateway_id
+        self.reactor = reactor
+        self.state_dir = state_dir
+        self.log = Logger(namespace=f"gatewayd.plugin.{name}")
+        self.metrics = PluginMetrics()
+        self._sink = sink
+        self._on_failure = on_failure
+
+    def emit(
+        self,
+        type: str,
+        device: str | None = None,
+        data: dict[str, Any] | None = None,
+        raw: str | None = None,
+    ) -> defer.Deferred:
+        """Emit one event; the Deferred fires when it is durable in every queue it was routed to.
+
+        Acknowledge a device only after it fired. It never fails for routing reasons: an event no
+        route matches fires at once (and is counted as unrouted).
+        """
+        event = Event(
+            type=type,
+            device=device,
+            data=data if data is not None else {},
+            raw=raw,
+            gateway=self.gateway_id,
+            plugin=self.name,
+            protocol=self.protocol,
+        )
+        if type == "frame.invalid":
+            self.metrics.frames_invalid += 1
+        return self._sink(event)
+
+    def guard(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap a callback: an exception is logged and marks the plugin failed, never propagates."""
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except Exception as exc:
+                self.fail(exc)
+                return None
+
+        return guarded
+
+    def fail(self, exc: BaseException) -> None:
+        """Report an unexpected error: logged with its traceback, plugin shown failed in /health."""
+        self.log.failure("unexpected error in plugin {plugin}", plugin=self.name)
+        if self._on_failure is not None:
+            self._on_failure(exc)
+
+
+# --- the plugin base class ---------------------------------------------------------------------
+
+
+class Plugin:
+    """Base class of a device family. Subclass it and set ``protocol`` and ``Config``.
+
+    Class attributes:
+      ``protocol``   the family name written into every event (``powerbank``, ``heating``...).
+      ``Config``     the pydantic model of this plugin's config section.
+      ``simulator``  a ``Simulator`` subclass used by ``gatewayd demo`` and ``gatewayd simulate``.
+      ``decoders``   ``{format: function(text) -> JSON-able}`` for ``gatewayd decode FORMAT DATA``.
+    """
+
+    protocol: ClassVar[str] = "generic"
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    simulator: ClassVar[type[Simulator] | None] = None
+    decoders: ClassVar[dict[str, Callable[[str], Any]]] = {}
+
+    def __init__(self, name: str, config: PluginConfig, context: PluginContext) -> None:
+        self.name = name
+        self.config = config
+        self.context = context
+        self.log = context.log
+
+    @property
+    def reactor(self) -> Any:
+        return self.context.reactor
+
+    def start(self) -> defer.Deferred | None:
+        """Open transports; may return a Deferred. Raise or fail it to report a startup error."""
+        return None
+
+    def stop(self) -> defer.Deferred | None:
+        """Close transports and cancel timers; may return a Deferred."""
+        return None
+
+    def devices(self) -> list[Device]:
+        """The devices this plugin knows, online or not."""
+        return []
+
+    def commands(self) -> dict[str, Command]:
+        """The commands this plugin accepts, found from its ``@command`` methods."""
+        found: dict[str, Command] = {}
+        for _, method in inspect.getmembers(self, inspect.ismethod):
+            marker = getattr(method, "__gatewayd_command__", None)
+            if marker:
+                cmd_name, args = marker
+                doc = inspect.getdoc(method) or ""
+                found[cmd_name] = Command(cmd_name, args, method, doc.split("\n")[0])
+        return found
+
+    @classmethod
+    def register_cli(cls, subparsers: argparse._SubParsersAction) -> None:
+        """Add family-specific subcommands to the ``gatewayd`` command line (optional)."""
+
+
+class Simulator:
+    """A simulator of one device family: ``gatewayd simulate FAMILY`` and ``gatewayd demo``.
+
+    ``add_arguments`` declares its command-line options; ``from_args`` builds it from them;
+    ``for_demo`` builds one pointed at a running plugin instance's config (loopback).
+    """
+
+    family: ClassVar[str] = ""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Declare command-line options for ``gatewayd simulate FAMILY``."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, reactor: Any) -> Simulator:
+        raise NotImplementedError
+
+    @classmethod
+    def for_demo(cls, plugin_config: ConfigModel, reactor: Any) -> Simulator:
+        raise NotImplementedError
+
+    def start(self) -> defer.Deferred | None:
+        return None
+
+    def stop(self) -> defer.Deferred | None:
+        return None

@@ -1,0 +1,121 @@
+"""Building blocks for config schemas: the base models and the value types plugins share.
+
+Every plugin and sink declares its config as a pydantic model derived from ``PluginConfig`` or
+``SinkConfig``. Unknown keys are refused (``extra="forbid"``); a value type that fails raises a
+``ValueError`` whose text becomes the config error message (``expected "host:port", got 9000``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, SecretStr
+
+__all__ = [
+    "Field",
+    "ConfigModel",
+    "PluginConfig",
+    "SinkConfig",
+    "HostPort",
+    "Duration",
+    "ByteSize",
+    "Secret",
+    "read_secret",
+    "parse_host_port",
+    "parse_duration",
+    "parse_byte_size",
+]
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def parse_host_port(value: Any) -> str:
+    """``"host:port"`` with port 0..65535; ``[::1]:80`` for IPv6. Returns it unchanged."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected "host:port", got {_describe(value)}')
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):(\d{1,5})", value)
+    if not match or int(match.group(2)) > 65535:
+        raise ValueError(f'expected "host:port", got {_describe(value)}')
+    return value
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"[::1]:80"`` → ``("::1", 80)``; the value must have passed ``parse_host_port``."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds as a number, or a string such as ``500ms``, ``30s``, ``5m``, ``2h``, ``7d``."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 30s or 5m, got {value}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"expected a duration >= 0, got {value}")
+        return float(value)
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+    raise ValueError(f"expected a duration such as 30s or 5m, got {_describe(value)}")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+
+def parse_byte_size(value: Any) -> int:
+    """Bytes as an integer, or a string such as ``64MiB``, ``512k``, ``1GB`` (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if match and match.group(2).lower() in _SIZE_UNITS:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    raise ValueError(f"expected a size such as 64MiB or 1048576, got {_describe(value)}")
+
+
+HostPort = Annotated[str, BeforeValidator(parse_host_port)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
+#: A secret value: printed as ``**********`` in reprs, errors and dumps.
+Secret = Annotated[SecretStr, PlainSerializer(lambda s: "**********", when_used="always")]
+
+
+class ConfigModel(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=False)
+
+
+class PluginConfig(ConfigModel):
+    """Keys every plugin instance accepts; a plugin's own model adds its keys to these."""
+
+    type: str
+    startup_error_behavior: Literal["error", "retry", "ignore"] = "error"
+
+
+class SinkConfig(ConfigModel):
+    """Keys every sink accepts: the queue in front of it and how it is retried and paced."""
+
+    type: str
+    max_bytes: ByteSize = 256 * 1024 * 1024
+    max_age: Duration = 7 * 24 * 3600.0
+    overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+    batch_size: int = Field(500, ge=1, le=100_000)
+    write_timeout: Duration = 30.0
+    retry_initial: Duration = 1.0
+    retry_max: Duration = 60.0
+    replay_rate: float | None = Field(1000.0, gt=0)
+
+
+def read_secret(path: str | Path) -> str:
+    """The content of a ``*_file`` secret, without its trailing newline."""
+    return Path(path).read_text(encoding="utf-8").rstrip("\r\n")

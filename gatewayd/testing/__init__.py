@@ -1,0 +1,302 @@
+"""What plugin authors need in their tests: a harness, free ports, a broker, a pty pair.
+
+``PluginHarness`` runs one plugin with an in-memory ``EventCollector`` in place of the pipeline,
+so a test sees every event and can decide when an event becomes "durable". The pytest fixtures
+of ``gatewayd.testing.fixtures`` wrap these (``pytest_plugins = ["gatewayd.testing.fixtures"]``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import tty
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.protocols.basic import LineOnlyReceiver
+
+from gatewayd.events import Event
+from gatewayd.plugin import Plugin, PluginContext
+from gatewayd.plugin import describe_validation_error as _describe
+
+__all__ = [
+    "EventCollector",
+    "LineClient",
+    "connect_line_client",
+    "Mosquitto",
+    "PluginHarness",
+    "free_port",
+    "pty_pair",
+    "wait_for_port",
+]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (bind to 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+    """Block until something accepts TCP connections on ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
+            time.sleep(0.01)
+
+
+@dataclass
+class EventCollector:
+    """Stands in for the pipeline: records events; ``durable`` decides when emit() fires.
+
+    ``durable = "now"`` fires every emit at once; ``"manual"`` holds them until
+    ``release()``, so a test can check that a plugin waits for durability before it acks.
+    """
+
+    durable: str = "now"
+    events: list[Event] = field(default_factory=list)
+    _held: list[defer.Deferred] = field(default_factory=list)
+    _waiters: list[tuple[Callable[[list[Event]], bool], defer.Deferred]] = field(
+        default_factory=list
+    )
+
+    def __call__(self, event: Event) -> defer.Deferred:
+        self.events.append(event)
+        for waiter in list(self._waiters):
+            predicate, d = waiter
+            if predicate(self.events):
+                self._waiters.remove(waiter)
+                d.callback(self.events)
+        if self.durable == "now":
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._held.append(d)
+        return d
+
+    def release(self) -> None:
+        """Make every held event durable (fires their emit Deferreds, in order)."""
+        held, self._held = self._held, []
+        for d in held:
+            d.callback(None)
+
+    def of_type(self, type_pattern: str) -> list[Event]:
+        from fnmatch import fnmatchcase
+
+        return [e for e in self.events if fnmatchcase(e.type, type_pattern)]
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+    def wait_for(self, type_pattern: str, count: int = 1) -> defer.Deferred:
+        """Fires (with all events so far) once ``count`` events of ``type_pattern`` were seen.
+
+        Add a timeout in the test: ``.addTimeout(5, reactor)``.
+        """
+        from fnmatch import fnmatchcase
+
+        def enough(events: list[Event]) -> bool:
+            return sum(fnmatchcase(e.type, type_pattern) for e in events) >= count
+
+        if enough(self.events):
+            return defer.succeed(self.events)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append((enough, d))
+        return d
+
+
+class PluginHarness:
+    """Builds one plugin from a config dict, as the daemon would, with an EventCollector.
+
+    ``harness = PluginHarness(MyPlugin, {"listen": "127.0.0.1:0"}, reactor=clock_or_reactor)``;
+    then ``harness.start()``, ``harness.collector.events``, ``harness.call("cmd", {...})``.
+    """
+
+    def __init__(
+        self,
+        plugin_class: type[Plugin],
+        config: dict[str, Any],
+        *,
+        reactor: Any = None,
+        state_dir: Path | None = None,
+        name: str = "test",
+        durable: str = "now",
+    ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        from pydantic import ValidationError
+
+        section = {"type": plugin_class.protocol, **config}
+        try:
+            self.config = plugin_class.Config.model_validate(section)
+        except ValidationError as exc:
+            raise ValueError(f"bad plugin config: {_describe(exc)}") from None
+        self.collector = EventCollector(durable=durable)
+        self.failures: list[BaseException] = []
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="gatewayd-test-"))
+        self.context = PluginContext(
+            name=name,
+            protocol=plugin_class.protocol,
+            gateway_id="test-gw",
+            reactor=reactor,
+            state_dir=self.state_dir,
+            sink=self.collector,
+            on_failure=self.failures.append,
+        )
+        self.plugin = plugin_class(name, self.config, self.context)
+
+    def start(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.plugin.start)
+
+    def stop(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.plugin.stop)
+
+    def call(self, command: str, arguments: dict[str, Any] | None = None) -> defer.Deferred:
+        """Run a command as the control API would (arguments validated by its model)."""
+        return self.plugin.commands()[command].call(arguments or {})
+
+
+class LineClient(LineOnlyReceiver):
+    """A raw test device: ``send(text)`` a line, ``next_line()`` waits for the next one."""
+
+    delimiter = b"\n"
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self._unread: list[bytes] = []
+        self._readers: list[defer.Deferred] = []
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line)
+        if self._readers:
+            self._readers.pop(0).callback(line)
+        else:
+            self._unread.append(line)
+
+    def send(self, text: str | bytes) -> None:
+        self.sendLine(text.encode() if isinstance(text, str) else text)
+
+    def next_line(self, timeout: float = 5.0) -> defer.Deferred:
+        """The next line not yet read; fails with TimeoutError after ``timeout`` seconds."""
+        if self._unread:
+            return defer.succeed(self._unread.pop(0))
+        d: defer.Deferred = defer.Deferred(lambda d: self._readers.remove(d))
+        self._readers.append(d)
+        from twisted.internet import reactor
+
+        return d.addTimeout(timeout, reactor)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.closed.called:
+            self.closed.callback(getattr(reason, "value", reason))
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
+
+def connect_line_client(
+    port: int, host: str = "127.0.0.1", delimiter: bytes = b"\n", reactor: Any = None
+) -> defer.Deferred:
+    """Connect a ``LineClient`` over real TCP; fires with it once connected."""
+    from twisted.internet.endpoints import TCP4ClientEndpoint
+    from twisted.internet.protocol import Factory
+
+    if reactor is None:
+        from twisted.internet import reactor
+
+    def build() -> LineClient:
+        client = LineClient()
+        client.delimiter = delimiter
+        return client
+
+    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=5)
+    return endpoint.connect(Factory.forProtocol(build))
+
+
+class Mosquitto:
+    """Debian's ``mosquitto -p PORT`` on a free loopback port; ``stop()``/``start()`` again.
+
+    Mosquitto 2.x without a config file listens on loopback only and allows anonymous clients.
+    """
+
+    def __init__(self, port: int | None = None, binary: str = "mosquitto") -> None:
+        self.binary = shutil.which(binary) or shutil.which(f"/usr/sbin/{binary}")
+        if self.binary is None:
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        self.process = subprocess.Popen(
+            [self.binary, "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_for_port(self.port, timeout=timeout)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """Die without a clean shutdown, as a crashed broker would."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def pty_pair() -> Iterator[tuple[int, str]]:
+    """A pseudo-terminal in raw mode: ``(master_fd, slave_path)``.
+
+    Open ``slave_path`` as the serial device under test; read and write the device side on
+    ``master_fd``. Closing ``master_fd`` looks like an unplugged device to the reader side.
+    """
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    try:
+        yield master, path
+    finally:
+        for fd in (master, slave):
+            with contextlib.suppress(OSError):
+                os.close(fd)

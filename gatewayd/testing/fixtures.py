@@ -1,0 +1,33 @@
+"""pytest fixtures for plugin tests: ``pytest_plugins = ["gatewayd.testing.fixtures"]``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from gatewayd.testing import Mosquitto, free_port, pty_pair
+
+
+@pytest.fixture
+def mosquitto() -> Iterator[Mosquitto]:
+    """A running mosquitto on a free loopback port; ``.address``, ``.kill()``, ``.start()``."""
+    broker = Mosquitto()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def tcp_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    return free_port()
+
+
+@pytest.fixture
+def pty() -> Iterator[tuple[int, str]]:
+    """A raw pseudo-terminal pair ``(master_fd, slave_path)``."""
+    with pty_pair() as pair:
+        yield pair

@@ -1,0 +1,222 @@
+"""The example plugin: TCP thermometers speaking one text line per reading.
+
+It is the plugin of the README's "write a plugin" guide and exercises the whole plugin API:
+a config model, a listener, events (with acknowledgement only after the event is durable),
+``frame.invalid`` for bad input, a device list, a command with 404 and 504, and a simulator.
+
+Wire protocol (one line each way, ``\\n``-terminated, at most ``max_line`` bytes):
+  device → gateway  ``T <device-id> <celsius>``   answered ``OK`` once durable, ``ERR <reason>``
+  gateway → device  ``PING``                       answered ``PONG``
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from typing import Any
+
+from pydantic import Field
+from twisted.internet import defer, protocol
+from twisted.protocols.basic import LineOnlyReceiver
+
+from gatewayd.plugin import (
+    Busy,
+    Device,
+    DeviceTimeout,
+    NotFound,
+    Plugin,
+    PluginConfig,
+    Simulator,
+    command,
+)
+from gatewayd.schema import ConfigModel, Duration, HostPort, split_host_port
+
+READING = re.compile(r"T (?P<device>[A-Za-z0-9_-]{1,32}) (?P<celsius>-?\d{1,3}(?:\.\d{1,2})?)")
+
+
+class ThermometerConfig(PluginConfig):
+    listen: HostPort = "127.0.0.1:9100"
+    max_line: int = Field(256, ge=16, le=65536)
+    ping_timeout: Duration = 5.0
+
+
+class PingArgs(ConfigModel):
+    device: str
+
+
+class ThermometerProtocol(LineOnlyReceiver):
+    """One thermometer connection: framing comes from LineOnlyReceiver, parsing is ours."""
+
+    delimiter = b"\n"
+
+    def __init__(self, plugin: ThermometerPlugin) -> None:
+        self.plugin = plugin
+        self.MAX_LENGTH = plugin.config.max_line
+        self.device: str | None = None
+        self.pending_ping: defer.Deferred | None = None
+
+    def lineReceived(self, line: bytes) -> None:
+        self.plugin.context.metrics.frames_in += 1
+        text = line.decode("utf-8", "replace").strip()
+        if text == "PONG":  # a late PONG (after the timeout) is dropped quietly
+            ping, self.pending_ping = self.pending_ping, None
+            if ping is not None:
+                ping.callback({"pong": True})
+            return
+        match = READING.fullmatch(text)
+        if match is None:
+            self.plugin.context.emit(
+                "frame.invalid", self.device, {"reason": "format"}, raw=text
+            )
+            self.send("ERR format")
+            return
+        self.plugin.reading(self, match["device"], float(match["celsius"]), text)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.plugin.context.emit("frame.invalid", self.device, {"reason": "length"})
+        self.transport.loseConnection()
+
+    def send(self, text: str) -> None:
+        self.plugin.context.metrics.frames_out += 1
+        self.sendLine(text.encode())
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.plugin.disconnected(self)
+
+
+class ThermometerPlugin(Plugin):
+    """Plugin type ``example``: a TCP server for thermometers."""
+
+    protocol = "example"
+    Config = ThermometerConfig
+
+    def start(self) -> None:
+        self.connections: dict[str, ThermometerProtocol] = {}
+        self.last_seen: dict[str, float] = {}
+        factory = protocol.Factory.forProtocol(lambda: ThermometerProtocol(self))
+        host, port = split_host_port(self.config.listen)
+        self.port = self.reactor.listenTCP(port, factory, interface=host)
+
+    def stop(self) -> defer.Deferred:
+        for connection in list(self.connections.values()):
+            connection.transport.loseConnection()
+        return defer.maybeDeferred(self.port.stopListening)
+
+    def reading(self, conn: ThermometerProtocol, device: str, celsius: float, raw: str) -> None:
+        if conn.device != device:
+            conn.device = device
+            old = self.connections.get(device)
+            if old is not None and old is not conn:
+                old.transport.loseConnection()
+            self.connections[device] = conn
+            self.context.emit("device.online", device)
+        self.last_seen[device] = time.time()
+        durable = self.context.emit("reading", device, {"celsius": celsius}, raw=raw)
+        # Acknowledge only once the event is safe on disk: a device that got OK may forget it.
+        durable.addCallback(lambda _: conn.send("OK"))
+
+    def disconnected(self, conn: ThermometerProtocol) -> None:
+        if conn.pending_ping is not None:
+            ping, conn.pending_ping = conn.pending_ping, None
+            ping.errback(DeviceTimeout(f"{conn.device} disconnected"))
+        if conn.device and self.connections.get(conn.device) is conn:
+            del self.connections[conn.device]
+            self.context.emit("device.offline", conn.device, {"reason": "closed"})
+
+    def devices(self) -> list[Device]:
+        return [
+            Device(id=d, online=d in self.connections, last_seen=seen)
+            for d, seen in sorted(self.last_seen.items())
+        ]
+
+    @command("ping", args=PingArgs)
+    def ping(self, args: PingArgs) -> defer.Deferred:
+        """Send PING to a thermometer and wait for its PONG."""
+        conn = self.connections.get(args.device)
+        if conn is None:
+            raise NotFound(f"device {args.device!r} is not connected")
+        if conn.pending_ping is not None:
+            raise Busy(f"a PING to {args.device!r} is already outstanding")
+        conn.pending_ping = answered = defer.Deferred()
+        conn.send("PING")
+
+        def timed_out(result: Any, timeout: float) -> Any:
+            conn.pending_ping = None
+            raise DeviceTimeout(f"{args.device} did not answer PING within {timeout} s")
+
+        return answered.addTimeout(self.config.ping_timeout, self.reactor, timed_out)
+
+
+# --- simulator ------------------------------------------------------------------------------
+
+
+class SimulatedThermometer(LineOnlyReceiver):
+    """Sends a reading every ``interval`` seconds, answers PING, counts OKs."""
+
+    delimiter = b"\n"
+
+    def __init__(self, sim: ThermometerSimulator, device: str) -> None:
+        self.sim, self.device = sim, device
+
+    def connectionMade(self) -> None:
+        self.sim.connected.append(self)
+        self.loop_call = self.sim.reactor.callLater(random.uniform(0, 0.2), self.send_reading)
+
+    def send_reading(self) -> None:
+        celsius = round(random.gauss(21.0, 1.5), 1)
+        self.sendLine(f"T {self.device} {celsius}".encode())
+        self.loop_call = self.sim.reactor.callLater(self.sim.interval, self.send_reading)
+
+    def lineReceived(self, line: bytes) -> None:
+        if line == b"PING":
+            self.sendLine(b"PONG")
+        elif line == b"OK":
+            self.sim.acknowledged += 1
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.loop_call.active():
+            self.loop_call.cancel()
+        if self in self.sim.connected:
+            self.sim.connected.remove(self)
+
+
+class ThermometerSimulator(Simulator):
+    """``gatewayd simulate example --connect HOST:PORT --devices N --interval S``."""
+
+    family = "example"
+
+    def __init__(self, reactor: Any, target: str, devices: int = 3, interval: float = 2.0):
+        self.reactor, self.target = reactor, target
+        self.devices, self.interval = devices, interval
+        self.connected: list[SimulatedThermometer] = []
+        self.acknowledged = 0
+
+    @classmethod
+    def add_arguments(cls, parser: Any) -> None:
+        parser.add_argument("--connect", default="127.0.0.1:9100", help="plugin address")
+        parser.add_argument("--devices", type=int, default=3)
+        parser.add_argument("--interval", type=float, default=2.0, help="seconds per reading")
+
+    @classmethod
+    def from_args(cls, args: Any, reactor: Any) -> ThermometerSimulator:
+        return cls(reactor, args.connect, args.devices, args.interval)
+
+    @classmethod
+    def for_demo(cls, plugin_config: Any, reactor: Any) -> ThermometerSimulator:
+        return cls(reactor, plugin_config.listen, devices=3, interval=2.0)
+
+    def start(self) -> None:
+        host, port = split_host_port(self.target)
+        for n in range(self.devices):
+            factory = protocol.ClientFactory.forProtocol(
+                lambda n=n: SimulatedThermometer(self, f"thermo-{n + 1}")
+            )
+            self.reactor.connectTCP(host, port, factory)
+
+    def stop(self) -> None:
+        for conn in list(self.connected):
+            conn.transport.loseConnection()
+
+
+ThermometerPlugin.simulator = ThermometerSimulator
