@@ -1,0 +1,693 @@
+"""Loading and validating the YAML config file, with errors an operator can act on.
+
+Every problem is reported as ``FILE:LINE: key.path: message`` and all problems of a file are
+reported together (``ConfigError``). The steps, in order:
+
+1. Parse with pyyaml, keeping the line of every key (``gatewayd.yamlnodes``); a YAML syntax error
+   stops here, since the structure is unknown. Duplicate keys are errors.
+2. ``${VAR}`` and ``${VAR:-default}`` are replaced in every string value (``$${`` is a literal
+   ``${``). The result is always a string; the schema converts it (``"1883"`` → ``1883`` for an
+   integer field), so ``port: ${MQTT_PORT}`` works.
+3. ``X_file: path`` sets ``X`` to the file's content when the section's model has a field ``X``
+   but none called ``X_file`` (a relative path is taken from the config file's directory).
+4. ``gateway``, ``api`` and each route are validated against the core's models
+   (``gatewayd.config_model``); each ``plugins.<name>`` and ``sinks.<name>`` against the
+   ``Config`` model of the class its ``type`` names (``gatewayd.registry``). Every section is
+   validated on its own so one bad section does not hide the errors of the next.
+5. Routes may only name sinks that exist; a sink no route uses is a warning.
+
+Secret values (fields typed ``gatewayd.schema.Secret``, keys named like ``password``, ``token``,
+``secret``, ``key``, values read from ``*_file``) are never part of a message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from inspect import isclass
+from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
+
+from gatewayd import registry
+from gatewayd.config_model import ApiSection, Config, GatewaySection, RouteConfig
+from gatewayd.plugin import Plugin
+from gatewayd.schema import PluginConfig, SinkConfig, read_secret
+from gatewayd.sinks.base import Sink
+from gatewayd.yamlnodes import KeyPath, YamlDocument, YamlSyntaxError, format_path, load_yaml
+
+__all__ = [
+    "SECTIONS",
+    "ConfigError",
+    "VariableError",
+    "check_config_main",
+    "expand_variables",
+    "load_config",
+    "summarize",
+]
+
+#: The top-level keys of a config file, in the order the documentation shows them.
+SECTIONS = ("gateway", "api", "plugins", "sinks", "routes")
+
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+#: Key names whose values are treated as secrets even when the schema does not say so.
+_SECRET_NAME = re.compile(
+    r"pass(word|wd|phrase)|secret|token|credential|private|(^|_)(key|psk)s?$", re.IGNORECASE
+)
+
+
+class ConfigError(Exception):
+    """All errors of one config file; str() is one line per error, ``file:line: key.path: msg``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+class VariableError(ValueError):
+    """A ``${...}`` reference that cannot be replaced; the message names the variable."""
+
+
+# --- ${VAR} substitution -------------------------------------------------------------------------
+
+_REFERENCE = re.compile(r"\$(\$?)\{([^}]*)(\}?)")
+_VARIABLE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::-(.*))?", re.DOTALL)
+
+
+def expand_variables(text: str, environ: Mapping[str, str]) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in ``text``; ``$${`` stays a literal ``${``.
+
+    ``${VAR:-default}`` uses the default when VAR is unset or empty (as the shell does);
+    ``${VAR}`` with VAR unset raises VariableError. Defaults cannot contain ``}`` or references.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        escaped, inner, closed = match.groups()
+        if escaped:
+            return "${" + inner + closed
+        if not closed:
+            raise VariableError("unterminated ${ (write $${ for a literal ${)")
+        reference = _VARIABLE.fullmatch(inner)
+        if reference is None:
+            raise VariableError("malformed ${...} reference (write $${ for a literal ${)")
+        name, default = reference.groups()
+        value = environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                raise VariableError(f"environment variable {name} is not set")
+            return default
+        return value
+
+    return _REFERENCE.sub(replace, text)
+
+
+# --- describing values and pydantic errors -------------------------------------------------------
+
+
+def describe(value: Any) -> str:
+    """A short, YAML-flavoured rendering of a config value for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return str(value)
+
+
+_EXPECTED = {
+    **dict.fromkeys(
+        ["int_type", "int_parsing", "int_from_float", "int_parsing_size"], "an integer"
+    ),
+    **dict.fromkeys(["float_type", "float_parsing", "decimal_type", "decimal_parsing"], "a number"),
+    "finite_number": "a finite number",
+    **dict.fromkeys(["bool_type", "bool_parsing"], "true or false"),
+    **dict.fromkeys(["string_type", "string_sub_type", "bytes_type"], "a string"),
+    **dict.fromkeys(
+        ["dict_type", "mapping_type", "model_type", "model_attributes_type", "dataclass_type"],
+        "a mapping",
+    ),
+    **dict.fromkeys(
+        ["list_type", "tuple_type", "set_type", "frozen_set_type", "iterable_type"], "a list"
+    ),
+    "path_type": "a file path",
+    "none_required": "null",
+    **dict.fromkeys(["url_type", "url_parsing", "url_scheme"], "a URL"),
+}
+
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+
+_NOT_SHOWN = "the value is secret and not shown"
+_MISSING = "required key missing"
+
+
+@dataclass
+class _Problem:
+    """One message in two parts so that union branches can be merged (``expected A or B``)."""
+
+    head: str
+    got: str | None = None
+    #: For an unknown key: the known key it probably is a typo of.
+    suggestion: str | None = None
+
+    def text(self) -> str:
+        return self.head if self.got is None else f"{self.head}, got {self.got}"
+
+
+def _expected_and_got(expected: str, value: Any, secret: bool) -> _Problem:
+    if secret:
+        return _Problem(f"expected {expected} ({_NOT_SHOWN})")
+    return _Problem(f"expected {expected}", describe(value))
+
+
+def _explain(error: Mapping[str, Any], secret: bool, choices: Sequence[str]) -> _Problem:
+    """A readable message for one pydantic error; never includes the value when ``secret``."""
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    if kind == "missing":
+        return _Problem(_MISSING)
+    if kind == "extra_forbidden":
+        key = str(error["loc"][-1]) if error["loc"] else ""
+        close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+        if close:
+            return _Problem(f"unknown key (did you mean {close[0]!r}?)", suggestion=close[0])
+        return _Problem("unknown key")
+    if kind in ("value_error", "assertion_error"):
+        message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if secret and isinstance(value, str | int | float) and str(value) in message:
+            return _Problem(f"invalid value ({_NOT_SHOWN})")
+        return _Problem(message)
+    if kind == "string_type" and isinstance(value, int | float) and not secret:
+        return _Problem("expected a string", f"{describe(value)} (put it in quotes)")
+    if kind in _EXPECTED:
+        return _expected_and_got(_EXPECTED[kind], value, secret)
+    if kind in ("literal_error", "enum"):
+        options = str(ctx.get("expected", "")).rsplit(" or ", 1)
+        problem = _expected_and_got("one of " + ", ".join(options), value, secret)
+        if isinstance(value, bool) and not secret:  # ``synchronous: off`` is YAML for false
+            problem.got = f"{describe(value)} (put it in quotes)"
+        return problem
+    if kind in _BOUNDS:
+        name, sign = _BOUNDS[kind]
+        return _expected_and_got(f"a value {sign} {ctx.get(name)}", value, secret)
+    if kind in ("string_too_short", "too_short"):
+        unit = "character" if isinstance(value, str | SecretStr) else "item"
+        count = ctx.get("min_length")
+        return _expected_and_got(f"at least {count} {unit}{'s' * (count != 1)}", value, secret)
+    if kind in ("string_too_long", "too_long"):
+        unit = "character" if isinstance(value, str | SecretStr) else "item"
+        count = ctx.get("max_length")
+        return _expected_and_got(f"at most {count} {unit}{'s' * (count != 1)}", value, secret)
+    if kind == "string_pattern_mismatch":
+        return _expected_and_got(f"a value matching {ctx.get('pattern')}", value, secret)
+    if kind == "multiple_of":
+        return _expected_and_got(f"a multiple of {ctx.get('multiple_of')}", value, secret)
+    message = str(error["msg"])
+    return _Problem(message) if secret else _Problem(message, describe(value))
+
+
+def _merge(problems: list[_Problem]) -> str:
+    """One message for several errors at one key (the branches of a union type)."""
+    if len(problems) == 1:
+        return problems[0].text()
+    gots = {p.got for p in problems}
+    if len(gots) == 1 and all(p.head.startswith("expected ") for p in problems):
+        heads = list(dict.fromkeys(p.head.removeprefix("expected ") for p in problems))
+        return _Problem("expected " + " or ".join(heads), problems[0].got).text()
+    return "; ".join(dict.fromkeys(p.text() for p in problems))
+
+
+# --- walking pydantic models along a key path ----------------------------------------------------
+
+
+def _alternatives(annotation: Any) -> list[Any]:
+    """The concrete types an annotation allows: ``Annotated`` unwrapped, unions flattened."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _alternatives(get_args(annotation)[0])
+    if origin is Union or origin is UnionType:
+        return [alt for arg in get_args(annotation) for alt in _alternatives(arg)]
+    return [annotation]
+
+
+def _is_model(annotation: Any) -> bool:
+    return isclass(annotation) and issubclass(annotation, BaseModel)
+
+
+def _field_keys(model: type[BaseModel]) -> dict[str, str]:
+    """Key as written in the file → field name (aliases included)."""
+    keys: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        keys[name] = name
+        for alias in (info.alias, info.validation_alias):
+            if isinstance(alias, str):
+                keys[alias] = name
+    return keys
+
+
+_NO_STEP = object()
+
+
+def _step(annotation: Any, element: Any) -> Any:
+    """The annotation one key or index below ``annotation``, or _NO_STEP (a union branch tag)."""
+    for alternative in _alternatives(annotation):
+        if _is_model(alternative) and isinstance(element, str):
+            name = _field_keys(alternative).get(element)
+            if name is not None:
+                return alternative.model_fields[name].annotation
+        origin, args = get_origin(alternative), get_args(alternative)
+        if origin in (list, tuple, set, frozenset, Sequence) and isinstance(element, int) and args:
+            return args[0]
+        if origin in (dict, Mapping) and len(args) == 2 and isinstance(element, str):
+            return args[1]
+    return _NO_STEP
+
+
+def _annotation_at(model: type[BaseModel], loc: Sequence[Any]) -> Any:
+    annotation: Any = model
+    for element in loc:
+        below = _step(annotation, element)
+        if below is not _NO_STEP:
+            annotation = below
+    return annotation
+
+
+def _holds_secret(annotation: Any) -> bool:
+    return any(
+        isclass(alt) and issubclass(alt, SecretStr | SecretBytes)
+        for alt in _alternatives(annotation)
+    )
+
+
+def _data_path(data: Any, loc: Sequence[Any], missing: bool) -> KeyPath:
+    """The key path of a pydantic ``loc`` within ``data``: union branch tags are dropped, and
+    for a missing key the path ends with that key."""
+    path: list[Any] = []
+    current = data
+    for index, element in enumerate(loc):
+        if _has(current, element):
+            path.append(element)
+            current = current[element]
+        elif missing and index == len(loc) - 1:
+            path.append(element)
+    return tuple(path)
+
+
+def _has(container: Any, element: Any) -> bool:
+    if isinstance(container, dict):
+        return element in container
+    return (
+        isinstance(container, list) and isinstance(element, int) and 0 <= element < len(container)
+    )
+
+
+def _value_at(data: Any, path: KeyPath) -> Any:
+    for element in path:
+        if not _has(data, element):
+            return None
+        data = data[element]
+    return data
+
+
+# --- checking one file ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Issue:
+    line: int
+    path: KeyPath
+    message: str
+
+
+class _FileChecker:
+    """Validates one parsed config file, collecting every error and warning with its line."""
+
+    def __init__(self, path: Path, document: YamlDocument, environ: Mapping[str, str]) -> None:
+        self.path = path
+        self.name = str(path)
+        self.document = document
+        self.environ = environ
+        self.errors: list[_Issue] = []
+        self.warnings: list[_Issue] = []
+        #: Paths already reported (bad ${VAR}, unreadable *_file): their other errors are noise.
+        self.reported: set[KeyPath] = set()
+        #: Paths whose value came from a secret file: never shown.
+        self.secret_paths: set[KeyPath] = set()
+
+    # reporting
+
+    def error(self, path: KeyPath, message: str) -> None:
+        self.errors.append(_Issue(self.document.line_of(path), path, message))
+
+    def warn(self, path: KeyPath, message: str) -> None:
+        self.warnings.append(_Issue(self.document.line_of(path), path, message))
+
+    def format(self, issues: list[_Issue]) -> list[str]:
+        lines = []
+        for issue in sorted(issues, key=lambda issue: issue.line):
+            where = format_path(issue.path)
+            location = f"{self.name}:{issue.line}:"
+            lines.append(
+                f"{location} {where}: {issue.message}" if where else f"{location} {issue.message}"
+            )
+        return lines
+
+    def _already_reported(self, path: KeyPath) -> bool:
+        return any(path[: len(bad)] == bad for bad in self.reported)
+
+    # the whole file
+
+    def check(self) -> Config:
+        data = self.document.data
+        expected = f"a mapping with the keys {', '.join(SECTIONS)}"
+        if data is None:
+            raise ConfigError([f"{self.name}:1: the file is empty; expected {expected}"])
+        if not isinstance(data, dict):
+            line = self.document.line_of(())
+            raise ConfigError([f"{self.name}:{line}: expected {expected}, got {describe(data)}"])
+        for duplicate in self.document.duplicates:
+            message = f"duplicate key (first given on line {duplicate.first_line})"
+            self.errors.append(_Issue(duplicate.line, duplicate.path, message))
+        data = self._substitute(data, ())
+        for key in data:
+            if key not in SECTIONS:
+                unknown = {"type": "extra_forbidden", "loc": (key,)}
+                self.error((key,), _explain(unknown, False, SECTIONS).text())
+
+        gateway = self._validate(GatewaySection, _section(data, "gateway", {}), ("gateway",))
+        api = self._validate(ApiSection, _section(data, "api", {}), ("api",))
+        plugins, plugin_classes = self._instances(
+            data, "plugins", registry.PLUGIN_GROUP, Plugin, PluginConfig
+        )
+        sinks, sink_classes = self._instances(data, "sinks", registry.SINK_GROUP, Sink, SinkConfig)
+        routes = self._routes(data)
+
+        if self.errors:
+            raise ConfigError(self.format(self.errors))
+        assert gateway is not None and api is not None and routes is not None
+        config = Config(
+            path=self.path,
+            gateway=gateway,
+            api=api,
+            plugins=plugins,
+            sinks=sinks,
+            routes=routes,
+            plugin_classes=plugin_classes,
+            sink_classes=sink_classes,
+        )
+        config.warnings = self.format(self.warnings)  # type: ignore[attr-defined]
+        return config
+
+    # step 2: ${VAR}
+
+    def _substitute(self, value: Any, path: KeyPath) -> Any:
+        if isinstance(value, str):
+            try:
+                return expand_variables(value, self.environ)
+            except VariableError as exc:
+                self.error(path, str(exc))
+                self.reported.add(path)
+                return value
+        if isinstance(value, dict):
+            return {key: self._substitute(item, path + (key,)) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self._substitute(item, path + (index,)) for index, item in enumerate(value)]
+        return value
+
+    # step 3: X_file secrets
+
+    def _secret_files(self, model: type[BaseModel], data: Any, path: KeyPath) -> Any:
+        """``data`` with every ``X_file`` the model does not declare replaced by ``X``."""
+        if not isinstance(data, dict):
+            return data
+        keys = _field_keys(model)
+        result = dict(data)
+        for key, value in data.items():
+            if not (isinstance(key, str) and key.endswith("_file")) or key in keys:
+                continue
+            target = key.removesuffix("_file")
+            if target not in keys:
+                continue  # an unknown key: validation says so
+            del result[key]
+            key_path, target_path = path + (key,), path + (target,)
+            self.reported.add(target_path)  # a missing target is this key's problem
+            if target in data:
+                self.error(key_path, f"give either {target} or {key}, not both")
+                continue
+            if not isinstance(value, str) or not value:
+                self.error(key_path, f"expected the path of a file, got {describe(value)}")
+                continue
+            file = Path(value) if Path(value).is_absolute() else self.path.parent / value
+            try:
+                result[target] = read_secret(file)
+            except OSError as exc:
+                self.error(key_path, f"cannot read {file}: {exc.strerror or exc}")
+                continue
+            except UnicodeDecodeError:
+                self.error(key_path, f"cannot read {file}: not UTF-8 text")
+                continue
+            self.reported.discard(target_path)
+            self.secret_paths.add(target_path)
+            self.document.lines[target_path] = self.document.line_of(key_path)
+        for key, value in list(result.items()):
+            name = keys.get(key) if isinstance(key, str) else None
+            if name is not None:
+                annotation = model.model_fields[name].annotation
+                result[key] = self._secret_files_below(annotation, value, path + (key,))
+        return result
+
+    def _secret_files_below(self, annotation: Any, value: Any, path: KeyPath) -> Any:
+        alternatives = _alternatives(annotation)
+        models = [alt for alt in alternatives if _is_model(alt)]
+        if isinstance(value, dict) and len(models) == 1:
+            return self._secret_files(models[0], value, path)
+        for alternative in alternatives:
+            origin, args = get_origin(alternative), get_args(alternative)
+            if origin in (list, Sequence) and args and isinstance(value, list):
+                return [
+                    self._secret_files_below(args[0], item, path + (index,))
+                    for index, item in enumerate(value)
+                ]
+            if origin in (dict, Mapping) and len(args) == 2 and isinstance(value, dict):
+                return {
+                    key: self._secret_files_below(args[1], item, path + (key,))
+                    for key, item in value.items()
+                }
+        return value
+
+    # step 4: validation
+
+    def _validate(self, model: type[BaseModel], data: Any, path: KeyPath) -> Any:
+        """The validated model, or None after reporting every error of this section."""
+        data = self._secret_files(model, data, path)
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            self._report(exc, model, data, path)
+            return None
+
+    def _report(
+        self, exc: ValidationError, model: type[BaseModel], data: Any, base: KeyPath
+    ) -> None:
+        """Turn every error of one section into a located message (union branches merged)."""
+        problems: dict[KeyPath, list[_Problem]] = {}
+        for error in exc.errors(include_url=False):
+            loc = error["loc"]
+            relative = _data_path(data, loc, error["type"] == "missing")
+            path = base + relative
+            if self._already_reported(path):
+                continue
+            choices: list[str] = []
+            if error["type"] == "extra_forbidden":
+                parent = [
+                    alt for alt in _alternatives(_annotation_at(model, loc[:-1])) if _is_model(alt)
+                ]
+                present = _value_at(data, relative[:-1])
+                if parent:
+                    choices = [
+                        key
+                        for key in _field_keys(parent[0])
+                        if not (isinstance(present, dict) and key in present)
+                    ]
+            problems.setdefault(path, []).append(
+                _explain(error, self._is_secret(model, loc, path), choices)
+            )
+        # ``lisen: ...`` (did you mean 'listen'?) already explains why ``listen`` is missing.
+        typos = {
+            path[:-1] + (problem.suggestion,)
+            for path, found in problems.items()
+            for problem in found
+            if problem.suggestion
+        }
+        for path, found in problems.items():
+            if path in typos and all(p.head == _MISSING for p in found):
+                continue
+            self.error(path, _merge(found))
+
+    def _is_secret(self, model: type[BaseModel], loc: Sequence[Any], path: KeyPath) -> bool:
+        if path in self.secret_paths or _holds_secret(_annotation_at(model, loc)):
+            return True
+        names = [element for element in path if isinstance(element, str)]
+        if not names or names[-1].endswith("_file"):  # the path of a secret is not secret
+            return False
+        return _SECRET_NAME.search(names[-1]) is not None
+
+    def _instances(
+        self, data: dict[Any, Any], section: str, group: str, base: type, base_config: type
+    ) -> tuple[dict[str, Any], dict[str, type]]:
+        """Validate ``plugins`` or ``sinks``: each entry against its own type's ``Config``."""
+        kind = section.removesuffix("s")
+        models: dict[str, Any] = {}
+        classes: dict[str, type] = {}
+        entries = _section(data, section, {})
+        if not isinstance(entries, dict):
+            self.error(
+                (section,),
+                f"expected a mapping of {kind} name to settings, got {describe(entries)}",
+            )
+            return models, classes
+        for name, entry in entries.items():
+            path = (section, name)
+            if not (isinstance(name, str) and INSTANCE_NAME.fullmatch(name)):
+                self.error(path, f"bad {kind} name {str(name)!r}: use letters, digits, _ and -")
+            if not isinstance(entry, dict):
+                self.error(path, f"expected a mapping with at least 'type', got {describe(entry)}")
+                continue
+            if "type" not in entry:
+                self.error(path + ("type",), "required key missing")
+                continue
+            type_name = entry["type"]
+            if not isinstance(type_name, str):
+                self.error(
+                    path + ("type",), f"expected a {kind} type name, got {describe(type_name)}"
+                )
+                continue
+            try:
+                cls = registry.load(group, type_name)
+            except registry.RegistryError as exc:
+                self.error(path + ("type",), str(exc))
+                continue
+            model = getattr(cls, "Config", None)
+            if not (
+                isclass(cls)
+                and issubclass(cls, base)
+                and isclass(model)
+                and issubclass(model, base_config)
+            ):
+                self.error(path + ("type",), f"{type_name!r} is not a gatewayd {kind} class")
+                continue
+            validated = self._validate(model, entry, path)
+            if validated is not None and isinstance(name, str):
+                models[name] = validated
+                classes[name] = cls
+        return models, classes
+
+    def _routes(self, data: dict[Any, Any]) -> list[RouteConfig] | None:
+        """Validate ``routes``; every sink a route names must exist. Warns of unused sinks."""
+        routes = _section(data, "routes", [])
+        if not isinstance(routes, list):
+            self.error(("routes",), f"expected a list of routes, got {describe(routes)}")
+            return None
+        sinks = _section(data, "sinks", {})
+        # When ``sinks`` itself is broken (already reported), sink names are not checked.
+        sink_names = [n for n in sinks if isinstance(n, str)] if isinstance(sinks, dict) else None
+        used: set[str] = set()
+        validated = []
+        for index, route in enumerate(routes):
+            validated.append(self._validate(RouteConfig, route, ("routes", index)))
+            named = route.get("sinks") if isinstance(route, dict) else None
+            for position, sink in enumerate(named if isinstance(named, list) else []):
+                if not isinstance(sink, str):
+                    continue
+                used.add(sink)
+                if sink_names is not None and sink not in sink_names:
+                    known = ", ".join(sink_names) or "none"
+                    self.error(
+                        ("routes", index, "sinks", position),
+                        f"no sink named {sink!r} (sinks: {known})",
+                    )
+        for name in sink_names or []:
+            if name not in used:
+                self.warn(("sinks", name), "not used by any route, so it receives no events")
+        return validated if all(route is not None for route in validated) else None
+
+
+def _section(data: dict[Any, Any], key: str, default: Any) -> Any:
+    """A top-level section; an empty section (``api:`` with nothing after it) is the default."""
+    value = data.get(key)
+    return default if value is None else value
+
+
+# --- public entry points -------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate the config file at ``path``; raises ConfigError.
+
+    ``environ`` (default ``os.environ``) supplies ``${VAR}`` values. The returned Config has a
+    ``warnings`` attribute: ``file:line: path: message`` lines that do not stop the daemon.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
+    try:
+        document = load_yaml(text)
+    except YamlSyntaxError as exc:
+        raise ConfigError([f"{path}:{exc.line}: YAML syntax error: {exc.message}"]) from None
+    return _FileChecker(path, document, os.environ if environ is None else environ).check()
+
+
+def summarize(config: Config) -> str:
+    """``2 plugins (cabinets: powerbank, ...), 1 sink (store: sqlite), 2 routes``."""
+
+    def count(number: int, noun: str) -> str:
+        return f"{number} {noun}{'s' * (number != 1)}"
+
+    def listing(models: Mapping[str, Any]) -> str:
+        return " (" + ", ".join(f"{name}: {m.type}" for name, m in models.items()) + ")"
+
+    plugins = count(len(config.plugins), "plugin") + (
+        listing(config.plugins) * bool(config.plugins)
+    )
+    sinks = count(len(config.sinks), "sink") + (listing(config.sinks) * bool(config.sinks))
+    return f"{plugins}, {sinks}, {count(len(config.routes), 'route')}"
+
+
+def check_config_main(path: str | Path) -> int:
+    """``gatewayd check-config``: print ``FILE: ok (...)`` and return 0, or the errors and 2."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        count = len(exc.errors)
+        print(f"{path}: {count} error{'s' * (count != 1)}", file=sys.stderr)
+        return 2
+    for warning in getattr(config, "warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"{path}: ok: {summarize(config)}")
+    return 0
