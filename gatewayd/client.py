@@ -1,0 +1,264 @@
+"""``gatewayd command PLUGIN COMMAND key=value ...``: one device command through the control API.
+
+A plain blocking HTTP client (``http.client``, no Twisted, no proxy environment variables) so
+it works from any shell on the box. Arguments: ``key=value`` sends the string ``"value"``
+(the command's pydantic model converts ``"3"`` to an int where it wants one); ``key:=JSON``
+sends parsed JSON (``slots:=[1,2]``, ``force:=true``, ``name:='"007"'``).
+
+The API address and token come from ``--api``/``--token-file``, else from the ``api`` section
+of the config file given with ``-c``, else ``127.0.0.1:8720`` without a token.
+
+Exit status: 0 the command succeeded (its result printed as JSON on stdout), 1 the API answered
+an error (printed on stderr), 2 usage or local setup error, 3 the API could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from gatewayd.config_model import ApiSection
+from gatewayd.schema import parse_host_port, split_host_port
+
+__all__ = [
+    "EXIT_API_ERROR",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "UsageError",
+    "add_arguments",
+    "command_main",
+    "parse_arguments",
+    "run",
+]
+
+EXIT_OK = 0
+EXIT_API_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+DEFAULT_API = "127.0.0.1:8720"
+#: Added to api.command_timeout so the server's own 504 arrives before the client gives up.
+TIMEOUT_MARGIN = 10.0
+
+
+class UsageError(Exception):
+    """A bad command line or unusable local setup (exit status 2)."""
+
+
+@dataclass
+class Target:
+    """Where to send the command: host, port, token (or None) and how long to wait."""
+
+    host: str
+    port: int
+    token: str | None
+    timeout: float
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options and positionals of ``gatewayd command``."""
+    parser.add_argument("-c", "--config", help="gatewayd config file: API address and token_file")
+    parser.add_argument("--api", metavar="HOST:PORT", help=f"control API address ({DEFAULT_API})")
+    parser.add_argument("--token-file", help="file holding the API bearer token")
+    parser.add_argument(
+        "--timeout", type=float, help="seconds to wait for the answer (api.command_timeout + 10)"
+    )
+    parser.add_argument("plugin", help="plugin instance name from the config (e.g. cabinets)")
+    parser.add_argument("command", help="command name (GET /api/v1/plugins lists them)")
+    parser.add_argument(
+        "arguments",
+        nargs="*",
+        metavar="key=value|key:=json",
+        help="command arguments: key=value sends a string, key:=JSON sends parsed JSON",
+    )
+
+
+def parse_arguments(items: list[str]) -> dict[str, Any]:
+    """``["slot=2", "on:=true"]`` → ``{"slot": "2", "on": True}``; UsageError names a bad one."""
+    arguments: dict[str, Any] = {}
+    for item in items:
+        equals = item.find("=")
+        if equals <= 0:
+            raise UsageError(f"argument {item!r}: expected key=value or key:=json")
+        as_json = item[equals - 1] == ":"
+        key = item[: equals - 1] if as_json else item[:equals]
+        text = item[equals + 1 :]
+        if not key:
+            raise UsageError(f"argument {item!r}: the key is empty")
+        if key in arguments:
+            raise UsageError(f"argument {key!r} is given twice")
+        if as_json:
+            try:
+                arguments[key] = json.loads(text)
+            except ValueError as exc:
+                raise UsageError(f"argument {key!r}: not valid JSON after ':=': {exc}") from None
+        else:
+            arguments[key] = text
+    return arguments
+
+
+def api_section_from_config(path: str) -> ApiSection:
+    """The ``api`` section of a config file.
+
+    ``gatewayd.config.load_config`` is used when it accepts the file; when it refuses it (a
+    ``${VAR}`` only the service's environment has, a plugin not installed here), only the
+    ``api`` section is read: the command needs nothing else.
+    """
+    try:
+        from gatewayd.config import load_config  # type: ignore[attr-defined]
+    except ImportError:
+        load_config = None
+    if load_config is not None:
+        try:
+            return load_config(Path(path)).api
+        except Exception:  # fall back to the api section alone
+            pass
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as stream:
+            document = yaml.safe_load(stream)
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"config {path} is not valid YAML: {exc}") from None
+    section = (document or {}).get("api") if isinstance(document, dict) else None
+    try:
+        return ApiSection.model_validate(section or {})
+    except ValueError as exc:
+        raise UsageError(f"config {path}: api section: {exc}") from None
+
+
+def resolve_target(args: argparse.Namespace) -> Target:
+    """Address, token and timeout from the options and the config file.
+
+    A relative ``api.token_file`` is taken from the config file's directory, as the daemon does;
+    ``--token-file`` from the current directory. The token is the file's text, stripped.
+    """
+    api = api_section_from_config(args.config) if args.config else ApiSection()
+    listen = args.api or api.listen
+    try:
+        host, port = split_host_port(parse_host_port(listen))
+    except ValueError as exc:
+        raise UsageError(f"--api: {exc}") from None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # listening on all: use loopback
+    token_file: Path | None = None
+    if args.token_file:
+        token_file = Path(args.token_file)
+    elif api.token_file is not None:
+        token_file = Path(args.config).parent / api.token_file
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UsageError(f"cannot read the token file {token_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"the token file {token_file} is not UTF-8 text") from None
+    timeout = args.timeout if args.timeout else api.command_timeout + TIMEOUT_MARGIN
+    return Target(host, port, token or None, timeout)
+
+
+def call_api(
+    target: Target, plugin: str, command: str, arguments: dict[str, Any]
+) -> tuple[int, bytes]:
+    """POST the command; returns (HTTP status, body). OSError when the API cannot be reached."""
+    path = f"/api/v1/plugins/{quote(plugin, safe='')}/commands/{quote(command, safe='')}"
+    body = json.dumps(arguments).encode("utf-8")
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if target.token:
+        headers["Authorization"] = f"Bearer {target.token}"
+    connection = http.client.HTTPConnection(target.host, target.port, timeout=target.timeout)
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def report(status: int, body: bytes, stdout: Any, stderr: Any) -> int:
+    """Print the result (stdout) or the error (stderr); returns the exit status."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if status == 200 and isinstance(answer, dict) and answer.get("ok") is True:
+        print(json.dumps(answer.get("result"), indent=2, ensure_ascii=False), file=stdout)
+        return EXIT_OK
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(error, dict):
+        print(f"error {status} {error.get('code')}: {error.get('message')}", file=stderr)
+        if status == 401:
+            print(
+                "hint: pass --token-file FILE, or -c CONFIG to use its api.token_file", file=stderr
+            )
+    else:
+        text = body.decode("utf-8", "replace").strip()[:500]
+        print(f"error {status}: unexpected answer: {text}", file=stderr)
+    return EXIT_API_ERROR
+
+
+def run(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int:
+    """Run ``gatewayd command`` for parsed options; returns the exit status."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        arguments = parse_arguments(args.arguments)
+        target = resolve_target(args)
+    except UsageError as exc:
+        print(f"gatewayd command: {exc}", file=stderr)
+        return EXIT_USAGE
+    try:
+        status, body = call_api(target, args.plugin, args.command, arguments)
+    except TimeoutError:
+        print(
+            f"gatewayd command: no answer from the control API at {target.address} within "
+            f"{target.timeout:g} s; the command may still have run",
+            file=stderr,
+        )
+        return EXIT_UNREACHABLE
+    except (OSError, http.client.HTTPException) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(
+            f"gatewayd command: cannot reach the control API at http://{target.address}: "
+            f"{reason or type(exc).__name__} (is gatewayd running? is api.listen this address?)",
+            file=stderr,
+        )
+        return EXIT_UNREACHABLE
+    return report(status, body, stdout, stderr)
+
+
+def command_main(argv_args: list[str] | argparse.Namespace) -> int:
+    """Entry point of ``gatewayd command``: parse ``argv_args``, run, return the exit status.
+
+    ``gatewayd.cli`` may hand over its already parsed Namespace (same option names) instead.
+    """
+    if isinstance(argv_args, argparse.Namespace):
+        return run(argv_args)
+    parser = argparse.ArgumentParser(
+        prog="gatewayd command",
+        description="Send a command to a plugin through the gatewayd control API.",
+    )
+    add_arguments(parser)
+    try:
+        args = parser.parse_args(argv_args)
+    except SystemExit as exc:  # argparse exits 2 on usage errors and 0 for --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(command_main(sys.argv[1:]))

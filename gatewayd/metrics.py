@@ -1,0 +1,288 @@
+"""``GET /metrics``: the daemon's figures in the Prometheus text format, computed at scrape time.
+
+A custom prometheus-client ``Collector`` reads the daemon view (plugins, sinks, pipeline,
+reactor lag) each time it is scraped, so nothing has to be kept in sync between the counters the
+core keeps and the exposition. It lives in a private ``CollectorRegistry``: the global one would
+mix in process metrics of whatever else imported prometheus-client, and would clash between two
+daemons in one test process.
+
+The metric names below are a user-facing contract (dashboards and alerts are built on them);
+``METRIC_NAMES`` lists them and the tests hold them fixed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.logger import Logger
+
+import gatewayd
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "METRIC_NAMES",
+    "DaemonCollector",
+    "MetricsRenderer",
+    "oldest_age_seconds",
+]
+
+log = Logger(namespace="gatewayd.metrics")
+
+#: Every fixed metric name (counters without their ``_total`` suffix, as prometheus-client
+#: names families). Per-plugin gauges add ``gatewayd_plugin_<gauge name>``.
+METRIC_NAMES = (
+    "gatewayd_info",
+    "gatewayd_reactor_lag_seconds",
+    "gatewayd_plugin_up",
+    "gatewayd_plugin_frames_in",
+    "gatewayd_plugin_frames_out",
+    "gatewayd_plugin_frames_invalid",
+    "gatewayd_plugin_devices_online",
+    "gatewayd_plugin_commands",
+    "gatewayd_sink_up",
+    "gatewayd_sink_queued_events",
+    "gatewayd_sink_queued_bytes",
+    "gatewayd_sink_oldest_age_seconds",
+    "gatewayd_sink_delivered",
+    "gatewayd_sink_dropped",
+    "gatewayd_sink_failures",
+    "gatewayd_sink_duplicates",
+    "gatewayd_sink_possible_duplicates",
+    "gatewayd_events_routed",
+    "gatewayd_events_unrouted",
+    "gatewayd_events_dropped",
+)
+
+#: Plugin gauge names that would collide with a fixed ``gatewayd_plugin_*`` family.
+_RESERVED_PLUGIN_GAUGES = frozenset(
+    name.removeprefix("gatewayd_plugin_")
+    for name in METRIC_NAMES
+    if name.startswith("gatewayd_plugin_")
+) | {"frames_in_total", "frames_out_total", "frames_invalid_total", "commands_total"}
+
+
+def oldest_age_seconds(queue: Any, now: float) -> float | None:
+    """Age of the oldest queued event in seconds, ``None`` when the queue is empty."""
+    oldest = getattr(queue, "oldest_ts", None)
+    if oldest is None:
+        return None
+    return max(0.0, now - oldest)
+
+
+def _metric_safe(name: str) -> str:
+    """A gauge name as a Prometheus name fragment: anything but ``[A-Za-z0-9_]`` becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+class DaemonCollector:
+    """A prometheus-client collector over the duck-typed daemon view (see ``gatewayd.api``).
+
+    One broken plugin or sink (a ``devices()`` or gauge that raises) costs only its own samples:
+    the error is logged once with its traceback and the scrape goes on.
+    """
+
+    def __init__(self, daemon: Any) -> None:
+        self.daemon = daemon
+        self._reported: set[tuple[str, str]] = set()
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: the families depend on the plugins present at scrape time."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """Build every family from the daemon's current state."""
+        daemon = self.daemon
+        info = GaugeMetricFamily(
+            "gatewayd_info", "gatewayd version and gateway id", labels=["gateway", "version"]
+        )
+        info.add_metric([str(daemon.gateway_id), gatewayd.__version__], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "gatewayd_reactor_lag_seconds",
+            "How late the reactor ran a timer at its last measurement (blocking shows here)",
+            value=float(daemon.reactor_lag or 0.0),
+        )
+        yield from self._plugin_families()
+        yield from self._sink_families()
+        pipeline = daemon.pipeline
+        for attr, help_text in (
+            ("routed", "Events that matched at least one route"),
+            ("unrouted", "Events no route matched"),
+            ("dropped", "Events discarded by a route with drop: true"),
+        ):
+            yield CounterMetricFamily(
+                f"gatewayd_events_{attr}_total", help_text, value=getattr(pipeline, attr, 0)
+            )
+
+    # --- plugins ----------------------------------------------------------------------------
+
+    def _plugin_families(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "gatewayd_plugin_up",
+            "1 when the plugin is running, 0 otherwise",
+            labels=["plugin", "type"],
+        )
+        frames_in = CounterMetricFamily(
+            "gatewayd_plugin_frames_in_total", "Frames received from devices", labels=["plugin"]
+        )
+        frames_out = CounterMetricFamily(
+            "gatewayd_plugin_frames_out_total", "Frames sent to devices", labels=["plugin"]
+        )
+        frames_invalid = CounterMetricFamily(
+            "gatewayd_plugin_frames_invalid_total",
+            "Frames that failed to decode (frame.invalid events)",
+            labels=["plugin"],
+        )
+        online = GaugeMetricFamily(
+            "gatewayd_plugin_devices_online", "Devices currently online", labels=["plugin"]
+        )
+        commands = CounterMetricFamily(
+            "gatewayd_plugin_commands_total",
+            "Commands by outcome (ok, or the error code)",
+            labels=["plugin", "command", "outcome"],
+        )
+        gauges: dict[str, GaugeMetricFamily] = {}
+
+        for name, host in sorted(self.daemon.plugins.items()):
+            up.add_metric([name, str(host.type_name)], 1 if host.state == "running" else 0)
+            context = getattr(host, "context", None)
+            metrics = getattr(context, "metrics", None)
+            if metrics is not None:
+                frames_in.add_metric([name], metrics.frames_in)
+                frames_out.add_metric([name], metrics.frames_out)
+                frames_invalid.add_metric([name], metrics.frames_invalid)
+                for key, count in sorted(metrics.commands.items()):
+                    command, _, outcome = key.partition(":")
+                    commands.add_metric([name, command, outcome], count)
+                self._plugin_gauges(name, metrics.gauges, gauges)
+            count = self._devices_online(name, host.plugin)
+            if count is not None:
+                online.add_metric([name], count)
+
+        yield from (up, frames_in, frames_out, frames_invalid, online, commands)
+        yield from gauges.values()
+
+    def _devices_online(self, name: str, plugin: Any) -> int | None:
+        if plugin is None:
+            return 0
+        return self._guarded(
+            name, "devices", lambda: sum(1 for device in plugin.devices() if device.online)
+        )
+
+    def _plugin_gauges(
+        self,
+        plugin: str,
+        published: dict[str, tuple[str, Callable[[], float]]],
+        families: dict[str, GaugeMetricFamily],
+    ) -> None:
+        for gauge_name, (help_text, read) in sorted(published.items()):
+            safe = _metric_safe(gauge_name)
+            if safe in _RESERVED_PLUGIN_GAUGES:
+                self._report_once(
+                    plugin, f"gauge:{gauge_name}", f"gauge name {gauge_name!r} is reserved"
+                )
+                continue
+            value = self._guarded(plugin, f"gauge:{gauge_name}", lambda read=read: float(read()))
+            if value is None:
+                continue
+            family = families.get(safe)
+            if family is None:
+                family = families[safe] = GaugeMetricFamily(
+                    f"gatewayd_plugin_{safe}", help_text or gauge_name, labels=["plugin"]
+                )
+            family.add_metric([plugin], value)
+
+    # --- sinks ------------------------------------------------------------------------------
+
+    def _sink_families(self) -> Iterator[Metric]:
+        now = self.daemon.reactor.seconds()
+        up = GaugeMetricFamily(
+            "gatewayd_sink_up", "1 when the sink delivers normally, 0 otherwise", labels=["sink"]
+        )
+        queued = GaugeMetricFamily(
+            "gatewayd_sink_queued_events", "Events waiting in the sink's queue", labels=["sink"]
+        )
+        queued_bytes = GaugeMetricFamily(
+            "gatewayd_sink_queued_bytes", "Bytes of events waiting in the queue", labels=["sink"]
+        )
+        oldest = GaugeMetricFamily(
+            "gatewayd_sink_oldest_age_seconds",
+            "Age of the oldest queued event (0 when the queue is empty)",
+            labels=["sink"],
+        )
+        delivered = CounterMetricFamily(
+            "gatewayd_sink_delivered_total", "Events the sink wrote", labels=["sink"]
+        )
+        dropped = CounterMetricFamily(
+            "gatewayd_sink_dropped_total",
+            "Events dropped from the queue, by reason (overflow policy, max_age...)",
+            labels=["sink", "reason"],
+        )
+        failures = CounterMetricFamily(
+            "gatewayd_sink_failures_total", "Failed or timed-out write attempts", labels=["sink"]
+        )
+        duplicates = CounterMetricFamily(
+            "gatewayd_sink_duplicates_total",
+            "Events the sink recognised as already written and skipped",
+            labels=["sink"],
+        )
+        possible_duplicates = CounterMetricFamily(
+            "gatewayd_sink_possible_duplicates_total",
+            "Events delivered again after a crash or timeout (may have arrived twice)",
+            labels=["sink"],
+        )
+        for name, runner in sorted(self.daemon.sinks.items()):
+            up.add_metric([name], 1 if runner.state == "ok" else 0)
+            delivered.add_metric([name], runner.delivered)
+            failures.add_metric([name], runner.failures)
+            sink = getattr(runner, "sink", None)
+            duplicates.add_metric([name], getattr(sink, "duplicates", 0))
+            queue = getattr(runner, "queue", None)
+            if queue is None:
+                continue
+            queued.add_metric([name], queue.depth)
+            queued_bytes.add_metric([name], queue.bytes)
+            oldest.add_metric([name], oldest_age_seconds(queue, now) or 0.0)
+            for reason, count in sorted(queue.dropped.items()):
+                dropped.add_metric([name, str(reason)], count)
+            possible_duplicates.add_metric([name], queue.possible_duplicates)
+        yield from (up, queued, queued_bytes, oldest, delivered, dropped, failures)
+        yield from (duplicates, possible_duplicates)
+
+    # --- error handling ---------------------------------------------------------------------
+
+    def _guarded(self, owner: str, what: str, read: Callable[[], Any]) -> Any:
+        """``read()``, or ``None`` after logging (once per owner and figure) when it raises."""
+        try:
+            value = read()
+        except Exception:
+            if (owner, what) not in self._reported:
+                self._reported.add((owner, what))
+                log.failure("metrics: reading {what} of {owner} failed", what=what, owner=owner)
+            return None
+        self._reported.discard((owner, what))
+        return value
+
+    def _report_once(self, owner: str, what: str, message: str) -> None:
+        if (owner, what) not in self._reported:
+            self._reported.add((owner, what))
+            log.warn("metrics: {owner}: {message}", owner=owner, message=message)
+
+
+class MetricsRenderer:
+    """The ``/metrics`` body for one daemon: a private registry holding a ``DaemonCollector``."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, daemon: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = DaemonCollector(daemon)
+        self.registry.register(self.collector)
+
+    def render(self) -> bytes:
+        """The current figures in the Prometheus text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,872 @@
+"""Control API: auth, every error path, commands and timeouts, /health, /metrics, devices.
+
+Most tests go through a real listening site on 127.0.0.1 (pytest-twisted, real reactor); the
+timing-sensitive ones (command timeout and cancellation, client disconnect) drive resources
+directly with ``DummyRequest`` and a ``Clock``. The daemon is a small fake of the view the API
+reads; its plugin is a real ``Plugin`` subclass with a real ``PluginContext``.
+"""
+
+from __future__ import annotations
+
+import http.client as http_client
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import Field
+from twisted.internet import defer, protocol, task, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.logger import globalLogPublisher
+from twisted.web import server
+from twisted.web.client import Agent, FileBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.web.resource import getChildForRequest
+from twisted.web.test.requesthelper import DummyRequest
+
+from gatewayd.api import ApiSetupError, build_site, is_loopback, listen_api
+from gatewayd.config_model import ApiSection
+from gatewayd.metrics import CONTENT_TYPE_LATEST
+from gatewayd.plugin import (
+    Busy,
+    Device,
+    DeviceRefused,
+    DeviceTimeout,
+    Plugin,
+    PluginConfig,
+    PluginContext,
+    command,
+)
+from gatewayd.schema import ConfigModel
+
+TOKEN = "s3cret-token-value"
+LAST_SEEN = 1716894111.123456  # 2024-05-28T11:01:51.123456+00:00
+
+
+# --- a real plugin and a fake daemon view -------------------------------------------------------
+
+
+class LendArgs(ConfigModel):
+    slot: int = Field(ge=1, le=8)
+    bank: str | None = None
+
+
+class Cabinet(Plugin):
+    """A power bank cabinet whose commands produce every answer the API maps."""
+
+    protocol = "powerbank"
+
+    def __init__(self, name: str, config: PluginConfig, context: PluginContext) -> None:
+        super().__init__(name, config, context)
+        self.pending: list[defer.Deferred] = []
+        self.cancelled = 0
+        self.fail_devices = False
+
+    def devices(self) -> list[Device]:
+        if self.fail_devices:
+            raise RuntimeError("device table is broken")
+        return [
+            Device("860000000000001", True, LAST_SEEN, {"slots": 8}),
+            Device("860000000000002", False, None),
+        ]
+
+    @command("lend", args=LendArgs)
+    def lend(self, args: LendArgs) -> dict[str, Any]:
+        """Lend a power bank from a slot.
+
+        Second paragraph the listing does not show.
+        """
+        return {"slot": args.slot, "bank": args.bank or "0000000012"}
+
+    @command("busy")
+    def busy(self) -> None:
+        raise Busy("slot 2 is already lending")
+
+    @command("refuse")
+    def refuse(self) -> None:
+        raise DeviceRefused("the card refused the operation", code="6A82")
+
+    @command("unanswered")
+    def unanswered(self) -> None:
+        raise DeviceTimeout("the cabinet did not answer within 10 s")
+
+    @command("crash")
+    def crash(self) -> None:
+        raise RuntimeError("secret internal detail")
+
+    @command("not_json")
+    def not_json(self) -> object:
+        return object()
+
+    @command("hang")
+    def hang(self) -> defer.Deferred:
+        """Never answers by itself; counts cancellations."""
+
+        def cancel(_: defer.Deferred) -> None:
+            self.cancelled += 1
+
+        result: defer.Deferred = defer.Deferred(cancel)
+        self.pending.append(result)
+        return result
+
+
+@dataclass
+class FakePluginHost:
+    name: str
+    type_name: str
+    state: str
+    plugin: Plugin | None
+    context: PluginContext | None
+    error: str | None = None
+
+
+@dataclass
+class FakeQueue:
+    depth: int = 0
+    bytes: int = 0
+    oldest_ts: float | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    possible_duplicates: int = 0
+
+
+@dataclass
+class FakeSink:
+    duplicates: int = 0
+
+
+@dataclass
+class FakeSinkRunner:
+    state: str = "ok"
+    last_error: str | None = None
+    delivered: int = 0
+    failures: int = 0
+    sink: FakeSink = field(default_factory=FakeSink)
+    queue: FakeQueue = field(default_factory=FakeQueue)
+
+
+@dataclass
+class FakePipeline:
+    routed: int = 0
+    unrouted: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class FakeDaemon:
+    reactor: Any
+    gateway_id: str = "edge-01"
+    plugins: dict[str, FakePluginHost] = field(default_factory=dict)
+    sinks: dict[str, FakeSinkRunner] = field(default_factory=dict)
+    pipeline: FakePipeline = field(default_factory=FakePipeline)
+    reactor_lag: float = 0.0
+    api_token: str | None = None
+
+
+def cabinet_host(
+    name: str, reactor: Any, state_dir: Path, state: str = "running"
+) -> FakePluginHost:
+    """A host of a real Cabinet plugin with a real PluginContext."""
+    context = PluginContext(
+        name=name,
+        protocol=Cabinet.protocol,
+        gateway_id="edge-01",
+        reactor=reactor,
+        state_dir=state_dir,
+        sink=lambda event: defer.succeed(None),
+    )
+    plugin = Cabinet(name, PluginConfig(type="powerbank"), context)
+    return FakePluginHost(name, "powerbank", state, plugin, context)
+
+
+def make_daemon(reactor: Any, state_dir: Path, token: str | None = None) -> FakeDaemon:
+    """One running cabinet plugin ``cabinets`` and one healthy sink ``store``."""
+    daemon = FakeDaemon(reactor=reactor, api_token=token)
+    daemon.plugins["cabinets"] = cabinet_host("cabinets", reactor, state_dir)
+    daemon.sinks["store"] = FakeSinkRunner()
+    return daemon
+
+
+def cabinet(daemon: FakeDaemon, name: str = "cabinets") -> Cabinet:
+    return daemon.plugins[name].plugin  # type: ignore[return-value]
+
+
+def command_counts(daemon: FakeDaemon, name: str = "cabinets") -> dict[str, int]:
+    return daemon.plugins[name].context.metrics.commands
+
+
+# --- a real listening site ---------------------------------------------------------------------
+
+
+@dataclass
+class Served:
+    daemon: FakeDaemon
+    base: str
+
+    def url(self, path: str) -> bytes:
+        return (self.base + path).encode("ascii")
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """``serve(token=..., **api_options)`` → Served, listening on 127.0.0.1:<free port>."""
+    from twisted.internet import reactor
+
+    ports = []
+
+    def start(token: str | None = None, **options: Any) -> Served:
+        daemon = make_daemon(reactor, tmp_path, token)
+        config = ApiSection(listen="127.0.0.1:0", **options)
+        port = listen_api(daemon, config, reactor)
+        ports.append(port)
+        return Served(daemon, f"http://127.0.0.1:{port.getHost().port}")
+
+    yield start
+    for port in ports:
+        pytest_twisted.blockon(defer.maybeDeferred(port.stopListening))
+
+
+@defer.inlineCallbacks
+def http(method: bytes, url: bytes, body: bytes | None = None, headers: dict | None = None):
+    """(status, headers, body bytes) of one request with twisted.web.client.Agent."""
+    from twisted.internet import reactor
+
+    producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
+    raw_headers = Headers({k: [v] for k, v in (headers or {}).items()})
+    response = yield Agent(reactor).request(method, url, raw_headers, producer)
+    body = _Body()
+    response.deliverBody(body)
+    data = yield body.done
+    return response.code, response.headers, data
+
+
+class _Body(protocol.Protocol):
+    """Collects a response body (readBody warns about the proxied transport)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(b"".join(self.chunks))
+
+
+@defer.inlineCallbacks
+def post_json(served: Served, path: str, arguments: Any = None, token: str | None = None, raw=None):
+    headers = {b"content-type": b"application/json"}
+    if token is not None:
+        headers[b"authorization"] = f"Bearer {token}".encode()
+    body = (
+        raw if raw is not None else json.dumps(arguments if arguments is not None else {}).encode()
+    )
+    status, response_headers, data = yield http(b"POST", served.url(path), body, headers)
+    return status, response_headers, json.loads(data)
+
+
+LEND = "/api/v1/plugins/cabinets/commands/lend"
+
+
+def assert_error(body: dict, code: Any, *fragments: str) -> None:
+    assert body["ok"] is False
+    assert body["error"]["code"] == code
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], body["error"]["message"]
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_command_success_returns_result_and_counts_ok(serve):
+    served = serve()
+    status, headers, body = yield post_json(served, LEND, {"slot": "3"})
+    assert status == 200
+    assert headers.getRawHeaders(b"content-type") == [b"application/json; charset=utf-8"]
+    assert body == {"ok": True, "result": {"slot": 3, "bank": "0000000012"}}
+    assert command_counts(served.daemon) == {"lend:ok": 1}
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_body_means_no_arguments_given(serve):
+    served = serve()
+    status, _, body = yield post_json(served, LEND, raw=b"")
+    assert status == 400
+    assert_error(body, "bad_arguments", "slot: Field required")
+
+
+@pytest_twisted.inlineCallbacks
+def test_empty_body_reaches_a_command_without_arguments(serve):
+    served = serve()
+    status, _, body = yield post_json(served, "/api/v1/plugins/cabinets/commands/busy", raw=b"")
+    assert status == 409
+    status, _, body = yield post_json(served, "/api/v1/plugins/cabinets/commands/busy", {"x": 1})
+    assert status == 400
+    assert_error(body, "bad_arguments", "busy takes no arguments, got: x")
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_argument_is_named(serve):
+    served = serve()
+    status, _, body = yield post_json(served, LEND, {"slot": 9, "colour": "red"})
+    assert status == 400
+    assert_error(body, "bad_arguments", "slot: Input should be less than or equal to 8")
+    assert "colour: unknown argument" in body["error"]["message"]
+    assert command_counts(served.daemon) == {"lend:bad_arguments": 1}
+
+
+@pytest_twisted.inlineCallbacks
+def test_invalid_json_is_400_naming_the_problem(serve):
+    served = serve()
+    status, _, body = yield post_json(served, LEND, raw=b'{"slot": 3')
+    assert status == 400
+    assert_error(body, "bad_request", "not valid JSON", "char 10")
+
+
+@pytest_twisted.inlineCallbacks
+def test_body_must_be_an_object(serve):
+    served = serve()
+    status, _, body = yield post_json(served, LEND, raw=b"[1, 2]")
+    assert status == 400
+    assert_error(body, "bad_request", "JSON object", "got a JSON array")
+
+
+@pytest_twisted.inlineCallbacks
+def test_body_not_utf8_is_400(serve):
+    served = serve()
+    status, _, body = yield post_json(served, LEND, raw=b'{"slot": "\xff"}')
+    assert status == 400
+    assert_error(body, "bad_request", "UTF-8")
+
+
+@pytest_twisted.inlineCallbacks
+def test_body_too_large_is_413(serve):
+    served = serve(max_body_bytes=1024)
+    raw = json.dumps({"slot": 1, "bank": "x" * 2000}).encode()
+    status, _, body = yield post_json(served, LEND, raw=raw)
+    assert status == 413
+    assert_error(body, "too_large", "1024 bytes")
+    # exactly at the limit is accepted (and then validated)
+    at_limit = b'{"slot": 2}' + b" " * (1024 - 11)
+    status, _, body = yield post_json(served, LEND, raw=at_limit)
+    assert (status, body["ok"]) == (200, True)
+
+
+def _chunked_post(base: str, path: str, chunks: list[bytes]) -> tuple[int, bytes]:
+    """A blocking POST with Transfer-Encoding: chunked (no Content-Length up front)."""
+    host, port = base.removeprefix("http://").split(":")
+    connection = http_client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        connection.request("POST", path, body=iter(chunks), encode_chunked=True)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_chunked_body_too_large_is_413(serve):
+    served = serve(max_body_bytes=1024)
+    status, data = yield threads.deferToThread(
+        _chunked_post, served.base, LEND, [b'{"slot": 1, "bank": "'] + [b"x" * 300] * 5 + [b'"}']
+    )
+    assert status == 413
+    assert_error(json.loads(data), "too_large", "1024 bytes")
+    status, data = yield threads.deferToThread(
+        _chunked_post, served.base, LEND, [b'{"slot":', b"5}"]
+    )
+    assert (status, json.loads(data)["result"]["slot"]) == (200, 5)
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_plugin_and_command_are_404_listing_choices(serve):
+    served = serve()
+    status, _, body = yield post_json(served, "/api/v1/plugins/nope/commands/lend", {})
+    assert status == 404
+    assert_error(body, "not_found", "unknown plugin 'nope'", "(configured: cabinets)")
+    status, _, body = yield post_json(served, "/api/v1/plugins/cabinets/commands/fly", {})
+    assert status == 404
+    assert_error(body, "not_found", "no command 'fly'", "available: busy, crash, hang, lend")
+    assert command_counts(served.daemon) == {}  # unknown names are not metric labels
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "code", "fragment"),
+    [
+        ("busy", 409, "busy", "already lending"),
+        ("refuse", 502, "6A82", "card refused"),
+        ("unanswered", 504, "timeout", "did not answer"),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_command_errors_map_to_their_status(serve, name, status, code, fragment):
+    served = serve()
+    got, _, body = yield post_json(served, f"/api/v1/plugins/cabinets/commands/{name}", {})
+    assert got == status
+    assert_error(body, code, fragment)
+    assert command_counts(served.daemon) == {f"{name}:{code}": 1}
+
+
+@pytest_twisted.inlineCallbacks
+def test_unexpected_exception_is_500_without_details(serve):
+    served = serve()
+    errors = []
+    globalLogPublisher.addObserver(errors.append)
+    try:
+        status, _, body = yield post_json(served, "/api/v1/plugins/cabinets/commands/crash", {})
+    finally:
+        globalLogPublisher.removeObserver(errors.append)
+    assert status == 500
+    assert_error(body, "internal", "see the log")
+    assert "secret internal detail" not in json.dumps(body)
+    logged = [e for e in errors if "log_failure" in e]
+    assert logged and "secret internal detail" in str(logged[0]["log_failure"].value)
+    assert command_counts(served.daemon) == {"crash:internal": 1}
+
+
+@pytest_twisted.inlineCallbacks
+def test_result_that_is_not_json_is_500(serve):
+    served = serve()
+    status, _, body = yield post_json(served, "/api/v1/plugins/cabinets/commands/not_json", {})
+    assert status == 500
+    assert_error(body, "internal", "not JSON")
+
+
+@pytest_twisted.inlineCallbacks
+def test_command_timeout_is_504_over_real_tcp(serve):
+    served = serve(command_timeout="0.2s")
+    status, _, body = yield post_json(served, "/api/v1/plugins/cabinets/commands/hang", {})
+    assert status == 504
+    assert_error(body, "timeout", "within 0.2 s")
+    assert cabinet(served.daemon).cancelled == 1
+    assert command_counts(served.daemon) == {"hang:timeout": 1}
+
+
+@pytest_twisted.inlineCallbacks
+def test_plugin_not_running_is_503(serve):
+    served = serve()
+    host = served.daemon.plugins["cabinets"]
+    host.state, host.error = "retrying", "start failed: address in use"
+    status, _, body = yield post_json(served, LEND, {"slot": 1})
+    assert status == 503
+    assert_error(body, "unavailable", "'cabinets' is retrying", "address in use")
+    host.plugin = None  # a failed plugin the host already dropped
+    status, _, body = yield post_json(served, LEND, {"slot": 1})
+    assert status == 503
+
+
+# --- token -------------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_token_required_for_post(serve):
+    served = serve(token=TOKEN)
+    status, headers, body = yield post_json(served, LEND, {"slot": 1})
+    assert status == 401
+    assert headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="gatewayd"']
+    assert_error(body, "unauthorized", "Authorization: Bearer")
+
+    status, _, body = yield post_json(served, LEND, {"slot": 1}, token="wrong-token")
+    assert status == 403
+    assert_error(body, "forbidden", "not valid")
+    assert "wrong-token" not in json.dumps(body) and TOKEN not in json.dumps(body)
+
+    url = served.url(LEND)
+    status, _, _ = yield http(b"POST", url, b"{}", {b"authorization": f"Basic {TOKEN}".encode()})
+    assert status == 401
+
+    status, _, body = yield post_json(served, LEND, {"slot": 1}, token=TOKEN)
+    assert (status, body["ok"]) == (200, True)
+    # auth is checked before anything else: no probing for plugin names without the token
+    status, _, _ = yield post_json(served, "/api/v1/plugins/nope/commands/x", {})
+    assert status == 401
+
+
+@pytest_twisted.inlineCallbacks
+def test_gets_are_open_when_a_token_is_set(serve):
+    served = serve(token=TOKEN)
+    for path in ("/health", "/metrics", "/api/v1/devices", "/api/v1/plugins"):
+        status, _, _ = yield http(b"GET", served.url(path))
+        assert status == 200, path
+
+
+def test_refuses_non_loopback_listen_without_token(tmp_path):
+    clock = task.Clock()
+    daemon = make_daemon(clock, tmp_path)
+    with pytest.raises(ApiSetupError, match="without a token.*api.token_file"):
+        listen_api(daemon, ApiSection(listen="0.0.0.0:8720"), clock)
+    with pytest.raises(ApiSetupError):
+        listen_api(daemon, ApiSection(listen="[::]:8720"), clock)
+
+
+@pytest_twisted.inlineCallbacks
+def test_non_loopback_listen_with_token_is_allowed(tmp_path):
+    from twisted.internet import reactor
+
+    daemon = make_daemon(reactor, tmp_path, token=TOKEN)
+    port = listen_api(daemon, ApiSection(listen="0.0.0.0:0"), reactor)
+    try:
+        assert port.getHost().host == "0.0.0.0"
+    finally:
+        yield port.stopListening()
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("::ffff:127.0.0.1", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.10", False),
+        ("gateway.example", False),
+    ],
+)
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+# --- paths and methods -------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_path_and_wrong_method_are_json(serve):
+    served = serve()
+    status, _, data = yield http(b"GET", served.url("/api/v2/things"))
+    assert status == 404
+    assert_error(json.loads(data), "not_found", "no such endpoint: /api/v2/things")
+    status, headers, data = yield http(b"POST", served.url("/health"), b"{}")
+    assert status == 405
+    assert headers.getRawHeaders(b"allow") == [b"GET, HEAD"]
+    assert_error(json.loads(data), "method_not_allowed", "POST is not allowed on /health")
+    status, _, data = yield http(b"HEAD", served.url("/health"))
+    assert (status, data) == (200, b"")
+    status, _, data = yield http(b"DELETE", served.url(LEND))
+    assert status == 405
+    assert_error(json.loads(data), "method_not_allowed", "allowed: GET, POST")
+
+
+@pytest_twisted.inlineCallbacks
+def test_plugins_listing_describes_commands(serve):
+    served = serve()
+    status, _, data = yield http(b"GET", served.url("/api/v1/plugins"))
+    assert status == 200
+    (plugin,) = json.loads(data)["plugins"]
+    assert (plugin["name"], plugin["type"], plugin["state"]) == ("cabinets", "powerbank", "running")
+    commands = {c["name"]: c for c in plugin["commands"]}
+    assert commands["lend"]["doc"] == "Lend a power bank from a slot."
+    schema = commands["lend"]["arguments"]
+    assert schema["required"] == ["slot"]
+    assert schema["properties"]["slot"]["maximum"] == 8
+    assert commands["busy"]["arguments"] is None
+    status, _, data = yield http(b"GET", served.url(LEND))
+    assert (status, json.loads(data)["name"]) == (200, "lend")
+    status, _, data = yield http(b"GET", served.url("/api/v1/plugins/cabinets/commands/"))
+    assert len(json.loads(data)["commands"]) == len(commands)
+
+
+# --- health ------------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_health_ok_then_degraded_by_a_failed_plugin(serve):
+    from twisted.internet import reactor
+
+    served = serve()
+    served.daemon.sinks["store"].queue = FakeQueue(depth=3, oldest_ts=reactor.seconds() - 42)
+    status, _, data = yield http(b"GET", served.url("/health"))
+    body = json.loads(data)
+    assert status == 200
+    assert body["status"] == "ok" and body["gateway"] == "edge-01"
+    assert body["plugins"] == {"cabinets": {"type": "powerbank", "state": "running", "error": None}}
+    sink = body["sinks"]["store"]
+    assert (sink["state"], sink["last_error"], sink["queued"]) == ("ok", None, 3)
+    assert 41.9 < sink["oldest_age_seconds"] < 50
+
+    host = served.daemon.plugins["cabinets"]
+    host.state, host.error = "failed", "runtime error: RuntimeError('boom')"
+    status, _, data = yield http(b"GET", served.url("/health"))
+    body = json.loads(data)
+    assert status == 503
+    assert body["status"] == "degraded"
+    assert body["plugins"]["cabinets"]["error"] == "runtime error: RuntimeError('boom')"
+
+
+@pytest_twisted.inlineCallbacks
+def test_health_degraded_by_a_stopped_sink_not_by_a_retrying_one(serve):
+    served = serve()
+    runner = served.daemon.sinks["store"]
+    runner.state, runner.last_error = "retrying", "disk full"
+    status, _, data = yield http(b"GET", served.url("/health"))
+    assert status == 200
+    assert json.loads(data)["sinks"]["store"]["last_error"] == "disk full"
+    runner.state = "stopped"
+    status, _, _ = yield http(b"GET", served.url("/health"))
+    assert status == 503
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_devices_listing_and_filter(tmp_path, serve):
+    from twisted.internet import reactor
+
+    served = serve()
+    served.daemon.plugins["other"] = cabinet_host("other", reactor, tmp_path)
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices"))
+    body = json.loads(data)
+    assert status == 200
+    assert body["devices"][0] == {
+        "plugin": "cabinets",
+        "id": "860000000000001",
+        "online": True,
+        "last_seen": "2024-05-28T11:01:51.123456+00:00",
+        "details": {"slots": 8},
+    }
+    assert body["devices"][1]["last_seen"] is None and body["devices"][1]["online"] is False
+    assert [d["plugin"] for d in body["devices"]] == ["cabinets"] * 2 + ["other"] * 2
+
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices?plugin=other"))
+    assert {d["plugin"] for d in json.loads(data)["devices"]} == {"other"}
+
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices?plugin=nope"))
+    assert status == 404
+    assert_error(json.loads(data), "not_found", "unknown plugin 'nope'", "cabinets, other")
+
+    cabinet(served.daemon, "other").fail_devices = True
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices"))
+    body = json.loads(data)
+    assert status == 200
+    assert {d["plugin"] for d in body["devices"]} == {"cabinets"}
+    assert "other" in body["errors"] and "device table" not in body["errors"]["other"]
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of a Prometheus text exposition, keyed by name and labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return found
+
+
+def labels(**pairs: str) -> frozenset:
+    return frozenset(pairs.items())
+
+
+@pytest_twisted.inlineCallbacks
+def test_metrics_parse_with_the_right_values(tmp_path, serve):
+    from twisted.internet import reactor
+
+    served = serve()
+    daemon = served.daemon
+    daemon.reactor_lag = 0.025
+    daemon.pipeline = FakePipeline(routed=10, unrouted=2, dropped=1)
+    metrics = daemon.plugins["cabinets"].context.metrics
+    metrics.frames_in, metrics.frames_out, metrics.frames_invalid = 7, 5, 1
+    metrics.count_command("lend", "ok")
+    metrics.count_command("lend", "ok")
+    metrics.count_command("lend", "6A82")
+    metrics.gauge("pending_acks", "Events waiting to be acknowledged", lambda: 4)
+    metrics.gauge("broken", "A gauge that raises", lambda: 1 / 0)
+    daemon.plugins["down"] = cabinet_host("down", reactor, tmp_path, state="failed")
+    cabinet(daemon, "down").fail_devices = True
+    daemon.sinks["store"] = FakeSinkRunner(
+        state="ok",
+        delivered=100,
+        failures=2,
+        sink=FakeSink(duplicates=3),
+        queue=FakeQueue(
+            depth=4,
+            bytes=2048,
+            oldest_ts=reactor.seconds() - 30,
+            dropped={"overflow": 5, "max_age": 1},
+            possible_duplicates=6,
+        ),
+    )
+    daemon.sinks["north"] = FakeSinkRunner(state="retrying")
+
+    status, headers, data = yield http(b"GET", served.url("/metrics"))
+    assert status == 200
+    assert headers.getRawHeaders(b"content-type") == [CONTENT_TYPE_LATEST.encode()]
+    got = samples(data.decode())
+    expected = {
+        ("gatewayd_reactor_lag_seconds", labels()): 0.025,
+        ("gatewayd_info", labels(gateway="edge-01", version="0.1.0")): 1,
+        ("gatewayd_plugin_up", labels(plugin="cabinets", type="powerbank")): 1,
+        ("gatewayd_plugin_up", labels(plugin="down", type="powerbank")): 0,
+        ("gatewayd_plugin_frames_in_total", labels(plugin="cabinets")): 7,
+        ("gatewayd_plugin_frames_out_total", labels(plugin="cabinets")): 5,
+        ("gatewayd_plugin_frames_invalid_total", labels(plugin="cabinets")): 1,
+        ("gatewayd_plugin_devices_online", labels(plugin="cabinets")): 1,
+        (
+            "gatewayd_plugin_commands_total",
+            labels(plugin="cabinets", command="lend", outcome="ok"),
+        ): 2,
+        (
+            "gatewayd_plugin_commands_total",
+            labels(plugin="cabinets", command="lend", outcome="6A82"),
+        ): 1,
+        ("gatewayd_plugin_pending_acks", labels(plugin="cabinets")): 4,
+        ("gatewayd_sink_up", labels(sink="store")): 1,
+        ("gatewayd_sink_up", labels(sink="north")): 0,
+        ("gatewayd_sink_queued_events", labels(sink="store")): 4,
+        ("gatewayd_sink_queued_bytes", labels(sink="store")): 2048,
+        ("gatewayd_sink_delivered_total", labels(sink="store")): 100,
+        ("gatewayd_sink_dropped_total", labels(sink="store", reason="overflow")): 5,
+        ("gatewayd_sink_dropped_total", labels(sink="store", reason="max_age")): 1,
+        ("gatewayd_sink_failures_total", labels(sink="store")): 2,
+        ("gatewayd_sink_duplicates_total", labels(sink="store")): 3,
+        ("gatewayd_sink_possible_duplicates_total", labels(sink="store")): 6,
+        ("gatewayd_sink_oldest_age_seconds", labels(sink="north")): 0,
+        ("gatewayd_events_routed_total", labels()): 10,
+        ("gatewayd_events_unrouted_total", labels()): 2,
+        ("gatewayd_events_dropped_total", labels()): 1,
+    }
+    for key, value in expected.items():
+        assert got.get(key) == value, key
+    age = got[("gatewayd_sink_oldest_age_seconds", labels(sink="store"))]
+    assert 29.9 < age < 40
+    # a devices() that raises and a gauge that raises cost only their own samples
+    assert ("gatewayd_plugin_devices_online", labels(plugin="down")) not in got
+    assert not any(name == "gatewayd_plugin_broken" for name, _ in got)
+
+
+def test_metrics_without_daemon_activity_are_still_valid(tmp_path):
+    clock = task.Clock()
+    daemon = FakeDaemon(reactor=clock)
+    daemon.pipeline = None  # before the daemon started its pipeline
+    site = build_site(daemon, ApiSection())
+    text = site.resource.api.metrics.render().decode()
+    got = samples(text)
+    assert got[("gatewayd_events_routed_total", labels())] == 0
+    assert got[("gatewayd_reactor_lag_seconds", labels())] == 0
+
+
+# --- fine-grained: timeout, cancellation and disconnect with a Clock ----------------------------
+
+
+def dummy_post(site: server.Site, path: str, body: bytes, token: str | None = None):
+    """Render a POST through the site's resource tree; returns (request, render result)."""
+    segments = path.lstrip("/").encode().split(b"/")
+    request = DummyRequest(segments)
+    request.method = b"POST"
+    request.path = path.encode()
+    request.uri = path.encode()
+    request.content = io.BytesIO(body)
+    if token is not None:
+        request.requestHeaders.addRawHeader(b"authorization", f"Bearer {token}".encode())
+    resource = getChildForRequest(site.resource, request)
+    result = resource.render(request)
+    if result is not server.NOT_DONE_YET:
+        request.write(result)
+        request.finish()
+    return request
+
+
+def answer(request: DummyRequest) -> tuple[int, dict]:
+    return request.responseCode, json.loads(b"".join(request.written))
+
+
+def test_command_timeout_cancels_the_command(tmp_path):
+    clock = task.Clock()
+    daemon = make_daemon(clock, tmp_path)
+    site = build_site(daemon, ApiSection(command_timeout=60))
+    request = dummy_post(site, "/api/v1/plugins/cabinets/commands/hang", b"{}")
+    clock.advance(59.9)
+    assert not request.finished and cabinet(daemon).cancelled == 0
+    clock.advance(0.2)
+    assert request.finished == 1 and cabinet(daemon).cancelled == 1
+    status, body = answer(request)
+    assert status == 504
+    assert_error(body, "timeout", "no answer from cabinets.hang within 60 s")
+
+
+def test_late_answer_within_timeout_is_delivered(tmp_path):
+    clock = task.Clock()
+    daemon = make_daemon(clock, tmp_path)
+    site = build_site(daemon, ApiSection(command_timeout=60))
+    request = dummy_post(site, "/api/v1/plugins/cabinets/commands/hang", b"")
+    clock.advance(30)
+    cabinet(daemon).pending[0].callback({"done": True})
+    assert answer(request) == (200, {"ok": True, "result": {"done": True}})
+    clock.advance(60)  # the timeout was cancelled: nothing more happens
+    assert request.finished == 1 and cabinet(daemon).cancelled == 0
+
+
+def test_client_disconnect_is_handled_quietly(tmp_path):
+    clock = task.Clock()
+    daemon = make_daemon(clock, tmp_path, token=TOKEN)
+    site = build_site(daemon, ApiSection())
+    failures = []
+
+    def observe(event):
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        request = dummy_post(site, "/api/v1/plugins/cabinets/commands/hang", b"{}", TOKEN)
+        request.processingFailed(ConnectionError("client went away"))
+        cabinet(daemon).pending[0].callback({"late": 1})
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert request.written == [] and request.finished == 0
+    assert cabinet(daemon).cancelled == 0  # the device operation is not abandoned
+    assert command_counts(daemon) == {"hang:ok": 1}
+    assert failures == []
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self) -> None:
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_disconnect_over_real_tcp(serve):
+    from twisted.internet import reactor
+
+    served = serve()
+    failures = []
+
+    def observe(event):
+        if "log_failure" in event:
+            failures.append(event)
+
+    port = int(served.base.rsplit(":", 1)[1])
+    client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), _Collect())
+    client.transport.write(
+        b"POST /api/v1/plugins/cabinets/commands/hang HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Length: 2\r\n\r\n{}"
+    )
+    for _ in range(100):  # until the command is running
+        if cabinet(served.daemon).pending:
+            break
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    globalLogPublisher.addObserver(observe)
+    try:
+        client.transport.loseConnection()
+        yield client.closed
+        yield task.deferLater(reactor, 0.05, lambda: None)
+        cabinet(served.daemon).pending[0].callback({"late": 1})
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert failures == []
+    assert command_counts(served.daemon) == {"hang:ok": 1}
