@@ -9,13 +9,16 @@ idempotent per event ``id``: after a crash the last batch may be written again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from gatewayd.events import Event
 from gatewayd.schema import SinkConfig
@@ -50,9 +53,82 @@ class Sink:
         return None
 
     def write(self, events: Sequence[Event]) -> defer.Deferred | None:
-        """Write a batch, in order. Return (a Deferred of) anything once it is safely written."""
+        """Write a batch, in order. Return (a Deferred of) anything once it is safely written.
+
+        From the delivery loop ``events`` is a ``gatewayd.delivery.EventBatch``: events decoded
+        on first use, and ``events.payloads``, their JSON texts, for sinks that send the text
+        as it is (``getattr(events, "payloads", None)``; tests may pass a plain list).
+        """
         raise NotImplementedError
 
     def close(self) -> defer.Deferred | None:
         """Release the destination at shutdown."""
         return None
+
+    def resolve_path(self, path: str | Path) -> Path:
+        """A path from the sink's config: relative paths are relative to ``gateway.state_dir``."""
+        path = Path(path)
+        return path if path.is_absolute() else Path(self.context.state_dir) / path
+
+
+class BlockingSink(Sink):
+    """A sink whose destination is blocking I/O (a file, SQLite): it runs on its own thread.
+
+    Implement ``open_blocking``, ``write_blocking(events)`` and ``close_blocking``. They run in
+    call order on one thread per sink, so they need no locks and never block the reactor. A write
+    abandoned after ``write_timeout`` keeps the thread: the retry runs after it, never beside it.
+    """
+
+    def open_blocking(self) -> None:
+        """Prepare the destination (runs on the sink's thread)."""
+
+    def write_blocking(self, events: Sequence[Event]) -> None:
+        """Write a batch durably, in order (runs on the sink's thread)."""
+        raise NotImplementedError
+
+    def close_blocking(self) -> None:
+        """Release the destination (runs on the sink's thread)."""
+
+    def open(self) -> defer.Deferred:
+        if getattr(self, "_worker", None) is None:
+            self._worker = _Worker(self.context.reactor, f"gatewayd-sink-{self.name}")
+        return self._worker.call(self.open_blocking)
+
+    def write(self, events: Sequence[Event]) -> defer.Deferred:
+        return self._worker.call(self.write_blocking, events)
+
+    def close(self) -> defer.Deferred | None:
+        worker, self._worker = getattr(self, "_worker", None), None
+        if worker is None:
+            return None
+        d = worker.call(self.close_blocking)
+        worker.stop()
+        return d
+
+
+class _Worker:
+    """One daemon thread running calls in order; results come back on the reactor thread."""
+
+    def __init__(self, reactor: Any, name: str) -> None:
+        self._reactor = reactor
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def call(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self._calls.put((function, args, d))
+        return d
+
+    def stop(self) -> None:
+        """End the thread after the calls already queued."""
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            function, args, d = item
+            try:
+                result = function(*args)
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, result)

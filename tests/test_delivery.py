@@ -1,0 +1,367 @@
+"""The delivery loop: order, retries with backoff, timeouts, replay pacing, wake-up and stop.
+
+Timing is driven by a Clock and an in-memory queue whose answers arrive on the next Clock turn
+(as the writer thread's would); one integration test runs the real queue, pipeline and sqlite
+sink on the real reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+
+from gatewayd.config_model import RouteConfig
+from gatewayd.delivery import EventBatch, SinkRunner
+from gatewayd.events import Event
+from gatewayd.pipeline import Pipeline
+from gatewayd.queue import QueueError, QueueStore
+from gatewayd.schema import SinkConfig
+from gatewayd.sinks.base import Sink, SinkContext
+from gatewayd.sinks.sqlite import SqliteSink
+
+
+def payload(n: int) -> str:
+    return Event(type="t", device="d", data={"n": n}, id=f"id{n:06d}").to_json()
+
+
+class MemoryQueue:
+    """The DurableQueue interface in memory; answers come one Clock turn later."""
+
+    def __init__(self, clock: Clock, count: int = 0) -> None:
+        self.clock = clock
+        self.entries: list[tuple[int, str]] = []
+        self.last_seq = 0
+        self.listeners: list[Any] = []
+        self.reads: list[tuple[int, int | None, int | None]] = []
+        self.acks: list[int] = []
+        self.open_error: Exception | None = None
+        for n in range(count):
+            self.add(payload(n))
+        self.backlog_at_open, self.last_seq_at_open = count, self.last_seq
+
+    @property
+    def depth(self) -> int:
+        return len(self.entries)
+
+    def add(self, text: str) -> None:
+        self.last_seq += 1
+        self.entries.append((self.last_seq, text))
+
+    def put(self, text: str) -> None:
+        """A committed put: the entry is stored and the listeners hear of it."""
+        self.add(text)
+        for listener in self.listeners:
+            self.clock.callLater(0, listener)
+
+    def _later(self, compute) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.clock.callLater(0, lambda: d.callback(compute()))
+        return d
+
+    def when_open(self) -> defer.Deferred:
+        if self.open_error is not None:
+            return defer.fail(self.open_error)
+        return self._later(lambda: None)
+
+    def subscribe(self, listener) -> None:
+        self.listeners.append(listener)
+
+    def _ack(self, upto: int) -> None:
+        self.entries = [e for e in self.entries if e[0] > upto]
+
+    def read_batch(self, limit: int, *, after: int | None = None, ack_upto: int | None = None):
+        self.reads.append((limit, after, ack_upto))
+
+        def read() -> list[tuple[int, str]]:
+            if ack_upto is not None:
+                self._ack(ack_upto)
+            return [e for e in self.entries if e[0] > (after or 0)][:limit]
+
+        return self._later(read)
+
+    def ack(self, upto: int) -> defer.Deferred:
+        self.acks.append(upto)
+        return self._later(lambda: self._ack(upto))
+
+
+class RecordingSink(Sink):
+    """Records every write attempt; can fail, hang or be completed by the test."""
+
+    def __init__(self, clock: Clock, config: SinkConfig) -> None:
+        super().__init__("north", config, SinkContext("north", "gw", clock, Path("."), Logger()))
+        self.clock = clock
+        self.attempts: list[tuple[float, list[int]]] = []
+        self.delivered: list[int] = []
+        self.fail_writes = 0
+        self.fail_opens = 0
+        self.hang = False
+        self.closed = False
+
+    def open(self) -> None:
+        if self.fail_opens:
+            self.fail_opens -= 1
+            raise ConnectionRefusedError("backend down")
+
+    def write(self, events):
+        numbers = [e.data["n"] for e in events]
+        self.attempts.append((self.clock.seconds(), numbers))
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise ConnectionRefusedError("backend down")
+        if self.hang:
+            return defer.Deferred()
+        self.delivered.extend(numbers)
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def settle(clock: Clock, seconds: float = 0.0) -> None:
+    """Advance ``seconds`` and run everything that became due, including follow-up turns."""
+    clock.advance(seconds)
+    for _ in range(10_000):
+        due = [c for c in clock.getDelayedCalls() if c.getTime() <= clock.seconds()]
+        if not due:
+            return
+        clock.advance(0)
+    raise AssertionError("the loop never settles")
+
+
+def run_for(clock: Clock, seconds: float, step: float = 0.01) -> None:
+    """Let ``seconds`` pass in small steps, as real time would."""
+    for _ in range(round(seconds / step)):
+        settle(clock, step)
+
+
+def setup(count: int, **config: Any) -> tuple[Clock, MemoryQueue, RecordingSink, SinkRunner]:
+    clock = Clock()
+    settings = {"type": "test", "batch_size": 10, "replay_rate": None, "write_timeout": 5.0}
+    settings.update(config)
+    sink_config = SinkConfig(**settings)
+    queue = MemoryQueue(clock, count)
+    sink = RecordingSink(clock, sink_config)
+    delays = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0]
+    runner = SinkRunner(sink, queue, sink_config, clock, backoff=lambda attempt: delays[attempt])
+    return clock, queue, sink, runner
+
+
+def test_delivers_everything_in_order_and_acknowledges() -> None:
+    clock, queue, sink, runner = setup(25)
+    runner.start()
+    settle(clock)
+    assert sink.delivered == list(range(25))
+    assert [len(numbers) for _, numbers in sink.attempts] == [10, 10, 5]
+    assert queue.entries == []
+    assert (runner.state, runner.delivered, runner.failures) == ("ok", 25, 0)
+    # the next batch is read while one is written; acknowledgements ride along with reads
+    assert (10, 10, None) in queue.reads and (10, 20, 10) in queue.reads
+    assert clock.getDelayedCalls() == []  # idle: no polling
+
+
+def test_wakes_up_on_commit_without_polling() -> None:
+    clock, queue, sink, runner = setup(0)
+    runner.start()
+    settle(clock)
+    assert clock.getDelayedCalls() == []
+    queue.put(payload(7))
+    settle(clock)
+    assert sink.delivered == [7]
+    queue.put(payload(8))
+    queue.put(payload(9))
+    runner.wake()  # the pipeline may also call it; harmless
+    settle(clock)
+    assert sink.delivered == [7, 8, 9] and queue.entries == []
+
+
+def test_failed_write_is_retried_with_backoff_same_batch_in_order() -> None:
+    clock, queue, sink, runner = setup(25)
+    sink.fail_writes = 3
+    runner.start()
+    settle(clock)
+    assert runner.state == "retrying"
+    assert runner.last_error == "ConnectionRefusedError: backend down"
+    assert len(sink.attempts) == 1
+    settle(clock, 0.99)
+    assert len(sink.attempts) == 1
+    settle(clock, 0.01)  # backoff 1 s
+    settle(clock, 2.0)  # then 2 s
+    assert len(sink.attempts) == 3 and runner.state == "retrying"
+    settle(clock, 3.99)
+    assert len(sink.attempts) == 3
+    settle(clock, 0.01)  # then 4 s: succeeds
+    assert runner.state == "ok" and runner.last_error == "ConnectionRefusedError: backend down"
+    settle(clock)
+    assert [t for t, _ in sink.attempts[:4]] == [0.0, 1.0, 3.0, 7.0]
+    assert all(numbers == list(range(10)) for _, numbers in sink.attempts[:4])
+    assert sink.delivered == list(range(25))
+    assert (runner.failures, runner.delivered) == (3, 25)
+
+
+def test_replay_after_an_outage_is_paced() -> None:
+    clock, queue, sink, runner = setup(0, replay_rate=20.0)
+    runner.start()
+    settle(clock)
+    sink.fail_writes = 1
+    for n in range(100):
+        queue.put(payload(n))
+    settle(clock)
+    assert runner.state == "retrying" and not runner.replaying
+    for n in range(100, 150):
+        queue.put(payload(n))  # the backlog grows during the outage
+    settle(clock, 1.0)  # the retry succeeds
+    assert runner.state == "ok" and runner.replaying
+    recovered_at = clock.seconds()
+    for second in range(1, 8):
+        run_for(clock, 1.0)
+        assert len(sink.delivered) <= 10 + 20 * second  # at most 20/s after the retried batch
+    run_for(clock, 1.0)
+    assert sink.delivered == list(range(150))
+    finished = max(t for t, _ in sink.attempts)
+    assert 6.5 <= finished - recovered_at <= 7.5  # 140 events after it at 20/s: 7 s
+    assert not runner.replaying
+
+
+def test_live_events_after_the_backlog_are_not_throttled() -> None:
+    clock, queue, sink, runner = setup(30, replay_rate=10.0)  # backlog from the previous run
+    runner.start()
+    settle(clock)
+    assert runner.replaying and sink.delivered == list(range(10))  # a full bucket at once
+    for n in range(30, 60):
+        queue.put(payload(n))  # arrives during the replay: waits behind the backlog
+    run_for(clock, 0.99)
+    assert sink.delivered == list(range(10))
+    run_for(clock, 0.02)
+    assert sink.delivered == list(range(20))
+    run_for(clock, 1.0)
+    assert sink.delivered == list(range(60))  # once the backlog is through, no more pacing
+    assert not runner.replaying
+
+
+def test_write_timeout_counts_as_a_failure() -> None:
+    clock, queue, sink, runner = setup(5)
+    sink.hang = True
+    runner.start()
+    settle(clock)
+    assert runner.state == "ok" and len(sink.attempts) == 1
+    settle(clock, 5.0)
+    assert runner.state == "retrying" and runner.last_error == "timed out after 5s"
+    sink.hang = False
+    settle(clock, 1.0)
+    assert sink.delivered == list(range(5)) and runner.failures == 1
+
+
+def test_failing_open_is_retried() -> None:
+    clock, queue, sink, runner = setup(3)
+    sink.fail_opens = 2
+    runner.start()
+    settle(clock)
+    assert runner.state == "retrying" and sink.attempts == []
+    settle(clock, 1.0)
+    settle(clock, 2.0)
+    assert runner.state == "ok" and sink.delivered == [0, 1, 2]
+    assert runner.failures == 2
+
+
+def test_stop_finishes_the_write_in_flight_then_closes() -> None:
+    clock, queue, sink, runner = setup(5)
+    gate: defer.Deferred = defer.Deferred()
+    sink.write = lambda events: gate.addCallback(lambda _: sink.delivered.extend(len(events) * [0]))
+    runner.start()
+    settle(clock)
+    stopped = runner.stop()
+    settle(clock, 1.0)
+    assert not stopped.called
+    gate.callback(None)
+    settle(clock)
+    assert stopped.called and runner.state == "stopped" and sink.closed
+    assert queue.entries == []  # the batch was acknowledged before the stop finished
+    assert runner.stop().called
+
+
+def test_stop_abandons_a_hung_write_within_write_timeout() -> None:
+    clock, queue, sink, runner = setup(5)
+    sink.hang = True
+    runner.start()
+    settle(clock)
+    stopped = runner.stop()
+    settle(clock, 5.0)
+    settle(clock, 1.0)
+    assert stopped.called and runner.state == "stopped" and sink.closed
+    assert queue.depth == 5  # not acknowledged: delivered again after the restart
+
+
+def test_stop_during_backoff_is_immediate() -> None:
+    clock, queue, sink, runner = setup(5)
+    sink.fail_writes = 10
+    runner.start()
+    settle(clock)
+    stopped = runner.stop()
+    settle(clock)
+    assert stopped.called and clock.getDelayedCalls() == []
+    assert queue.depth == 5
+
+
+def test_entries_that_are_not_events_are_skipped_and_counted() -> None:
+    clock, queue, sink, runner = setup(0)
+    queue.add(payload(1))
+    queue.add("not json")
+    queue.add(json.dumps({"no": "event"}))
+    queue.add(payload(2))
+    runner.start()
+    settle(clock)
+    assert sink.delivered == [1, 2]
+    assert (runner.invalid, runner.delivered, queue.depth) == (2, 2, 0)
+
+
+def test_unusable_queue_stops_the_runner() -> None:
+    clock, queue, sink, runner = setup(0)
+    queue.open_error = QueueError("queue north: cannot open /x: disk I/O error")
+    runner.start()
+    settle(clock)
+    assert runner.state == "stopped" and "disk I/O error" in (runner.last_error or "")
+
+
+def test_event_batch_is_lazy_and_keeps_payloads() -> None:
+    texts = [payload(1), "garbage", payload(2)]
+    batch = EventBatch(texts)
+    assert batch.payloads is texts and batch._events is None
+    assert [e.data["n"] for e in batch] == [1, 2]
+    assert len(batch) == 2 and batch[1].id == "id000002" and len(batch.invalid) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_end_to_end_into_sqlite(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path / "queues", reactor)
+    store.start()
+    config = SqliteSink.Config(path="events.db", batch_size=64)
+    queue = store.queue("store", max_bytes=1 << 30, max_age=3600, overflow="drop_oldest")
+    sink = SqliteSink("store", config, SinkContext("store", "gw", reactor, tmp_path, Logger()))
+    runner = SinkRunner(sink, queue, config, reactor)
+    pipeline = Pipeline([RouteConfig(sinks=["store"])], {"store": queue}, {"store": runner})
+    runner.start()
+    try:
+        events = [
+            Event(type="meter.reading", device=f"m{n % 7}", data={"n": n}) for n in range(500)
+        ]
+        await defer.gatherResults([pipeline.emit(e) for e in events])
+        deadline = time.monotonic() + 10
+        while runner.delivered < 500:
+            assert time.monotonic() < deadline
+            await task.deferLater(reactor, 0.01, lambda: None)
+    finally:
+        await runner.stop()
+        await store.stop()
+    conn = sqlite3.connect(tmp_path / "events.db")
+    stored = conn.execute("SELECT id, device, data FROM events ORDER BY id").fetchall()
+    conn.close()
+    assert [(e.id, e.device, json.dumps(e.data, separators=(",", ":"))) for e in events] == stored
+    assert queue.depth == 0 and runner.state == "stopped"

@@ -1,0 +1,194 @@
+"""The built-in sinks: sqlite (idempotent rows), jsonl (fsync, rotation), stdout (JSON lines)."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.logger import Logger
+
+from gatewayd.delivery import EventBatch
+from gatewayd.events import Event
+from gatewayd.registry import SINK_GROUP, load
+from gatewayd.sinks.base import SinkContext
+from gatewayd.sinks.jsonl import JsonlSink
+from gatewayd.sinks.sqlite import SqliteSink
+from gatewayd.sinks.stdout import StdoutSink
+
+
+def make_events(count: int, start: int = 0) -> list[Event]:
+    return [
+        Event(
+            type="lend.succeeded" if n % 2 else "device.online",
+            device=f"86000000000000{n % 3}",
+            data={"slot": n, "name": "Grüße", "ok": True},
+            raw=None if n % 3 else f"{n:04x}",
+            gateway="edge-01",
+            plugin="cabinets",
+            protocol="powerbank",
+        )
+        for n in range(start, start + count)
+    ]
+
+
+def context(state_dir: Path, name: str = "s") -> SinkContext:
+    return SinkContext(name, "edge-01", reactor, state_dir, Logger())
+
+
+def table(path: Path) -> list[tuple]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def as_row(e: Event) -> tuple:
+    data = json.dumps(e.data, separators=(",", ":"), ensure_ascii=False)
+    return (e.id, e.ts, e.gateway, e.plugin, e.protocol, e.device, e.type, data, e.raw)
+
+
+def test_entry_points_name_the_builtin_sinks() -> None:
+    assert load(SINK_GROUP, "sqlite") is SqliteSink
+    assert load(SINK_GROUP, "jsonl") is JsonlSink
+    assert load(SINK_GROUP, "stdout") is StdoutSink
+
+
+def test_configs_refuse_unknown_keys_and_keep_the_queue_keys() -> None:
+    config = JsonlSink.Config(type="jsonl", rotate_bytes="1MiB", keep=2, overflow="drop_newest")
+    assert (config.rotate_bytes, config.keep, config.overflow) == (1 << 20, 2, "drop_newest")
+    with pytest.raises(ValueError, match="extra"):
+        SqliteSink.Config(type="sqlite", paht="x.db")
+
+
+@pytest.mark.parametrize("as_batch", [False, True], ids=["events", "payloads"])
+@pytest_twisted.ensureDeferred
+async def test_sqlite_rows_and_idempotent_replays(tmp_path: Path, as_batch: bool) -> None:
+    sink = SqliteSink("store", SqliteSink.Config(type="sqlite"), context(tmp_path))
+    events = make_events(6)
+
+    def batch(items: list[Event]):
+        return EventBatch([e.to_json() for e in items]) if as_batch else items
+
+    await sink.open()
+    try:
+        await sink.write(batch(events[:4]))
+        await sink.write(batch(events[2:]))  # replay after a crash: 2 already written
+        await sink.write(batch([events[0]]))
+    finally:
+        await sink.close()
+    assert table(tmp_path / "events.db") == [as_row(e) for e in events]
+    assert sink.duplicates == 3
+    conn = sqlite3.connect(tmp_path / "events.db")
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(events)")}
+    assert {"events_ts", "events_device", "events_type"} <= indexes
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_skips_entries_that_are_not_events(tmp_path: Path) -> None:
+    sink = SqliteSink("store", SqliteSink.Config(type="sqlite", path="sub/x.db"), context(tmp_path))
+    good = make_events(2)
+    batch = EventBatch([good[0].to_json(), "not json", '{"data": {}}', good[1].to_json()])
+    await sink.open()
+    try:
+        await sink.write(batch)
+    finally:
+        await sink.close()
+    assert table(tmp_path / "sub" / "x.db") == [as_row(e) for e in good]
+    assert (sink.duplicates, len(batch.invalid)) == (0, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_absolute_path_and_writes_off_the_reactor_thread(tmp_path: Path) -> None:
+    path = tmp_path / "abs" / "events.db"
+    sink = SqliteSink(
+        "store", SqliteSink.Config(type="sqlite", path=path), context(tmp_path / "sd")
+    )
+    threads = []
+    original = sink.write_blocking
+
+    def spy(events):
+        threads.append(threading.current_thread())
+        return original(events)
+
+    sink.write_blocking = spy
+    await sink.open()
+    await sink.write(make_events(1))
+    await sink.close()
+    assert threads and threads[0] is not threading.main_thread()
+    assert threads[0].name == "gatewayd-sink-store"
+    assert len(table(path)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_jsonl_writes_lines_and_rotates_by_size(tmp_path: Path) -> None:
+    events = make_events(40)
+    line_size = max(len(e.to_json().encode()) + 1 for e in events)
+    config = JsonlSink.Config(
+        type="jsonl", path="out/events.jsonl", rotate_bytes=line_size * 7, keep=3
+    )
+    sink = JsonlSink("file", config, context(tmp_path))
+    await sink.open()
+    try:
+        for start in range(0, 40, 6):
+            chunk = events[start : start + 6]
+            await sink.write(EventBatch([e.to_json() for e in chunk]) if start % 12 else chunk)
+    finally:
+        await sink.close()
+    base = tmp_path / "out" / "events.jsonl"
+    files = [base.with_name(f"events.jsonl.{n}") for n in (3, 2, 1)] + [base]
+    assert all(f.exists() for f in files)
+    assert not base.with_name("events.jsonl.4").exists()
+    lines = [line for f in files for line in f.read_text(encoding="utf-8").splitlines()]
+    written = [Event.from_json(line) for line in lines]
+    assert written == events[-len(written) :]  # the newest, in order, the oldest rotated away
+    assert len(written) >= 3 * 7 - 3
+    for f in files:
+        assert f.stat().st_size <= line_size * 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_jsonl_keep_zero_and_partial_line_repair(tmp_path: Path) -> None:
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(b'{"cut short by a crash')
+    events = make_events(5)
+    size = max(len(e.to_json().encode()) + 1 for e in events)
+    config = JsonlSink.Config(type="jsonl", path=path, rotate_bytes=size * 2 + 30, keep=0)
+    sink = JsonlSink("file", config, context(tmp_path))
+    await sink.open()
+    await sink.write(events[:1])
+    text = path.read_text(encoding="utf-8").splitlines()
+    assert text[0] == '{"cut short by a crash' and Event.from_json(text[1]) == events[0]
+    await sink.write(events[1:])
+    await sink.close()
+    kept = [Event.from_json(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert kept == events[-len(kept) :] and 1 <= len(kept) <= 2
+    assert path.stat().st_size <= config.rotate_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]  # keep 0: no old files
+
+
+def test_stdout_prints_one_json_event_per_line() -> None:
+    sink = StdoutSink("out", StdoutSink.Config(type="stdout"), context(Path(".")))
+    sink.stream = io.StringIO()
+    events = make_events(3)
+    sink.write(events[:2])
+    sink.write(EventBatch([events[2].to_json()]))
+    lines = sink.stream.getvalue().splitlines()
+    assert [Event.from_json(line) for line in lines] == events
+    assert lines[0] == events[0].to_json()
+
+
+def test_stdout_pretty_and_default_stream(capsys: pytest.CaptureFixture[str]) -> None:
+    sink = StdoutSink("out", StdoutSink.Config(type="stdout", pretty=True), context(Path(".")))
+    event = make_events(1)[0]
+    sink.write([event])
+    out = capsys.readouterr().out
+    assert out.count("\n") > 5 and json.loads(out) == event.to_dict()
