@@ -1,0 +1,158 @@
+"""The ``gatewayd`` command line: run, check-config, demo, simulate, decode, command.
+
+Installed plugins add to it: their simulators become ``gatewayd simulate FAMILY``, their decoders
+``gatewayd decode FORMAT``, and ``Plugin.register_cli`` may add whole subcommands.
+Exit status: 0 ok, 1 runtime failure, 2 bad usage or bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gatewayd import __version__
+from gatewayd.registry import PLUGIN_GROUP, load_all
+
+DEFAULT_CONFIG = "/etc/gatewayd/gatewayd.yaml"
+
+
+def demo_config_path() -> Path:
+    """etc/demo.yaml beside the source tree, else the copy installed under share/gatewayd."""
+    here = Path(__file__).resolve().parent.parent / "etc" / "demo.yaml"
+    if here.exists():
+        return here
+    return Path(sys.prefix) / "share" / "gatewayd" / "demo.yaml"
+
+
+def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gatewayd", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 0 ok, 2 bad)")
+    check.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    check.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser("demo", help="the daemon plus every plugin's simulator, on loopback")
+    demo.add_argument("-c", "--config", default=None, help="default: the bundled demo.yaml")
+    demo.add_argument("--state-dir", default=None, help="default: a new temporary directory")
+    demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo.set_defaults(func=cmd_demo)
+
+    simulate = sub.add_parser("simulate", help="run one family's device simulator")
+    families = simulate.add_subparsers(dest="family", required=True, metavar="FAMILY")
+    for plugin_class in plugins.values():
+        simulator = plugin_class.simulator
+        if simulator is not None:
+            fam = families.add_parser(
+                simulator.family, help=(simulator.__doc__ or "").split("\n")[0]
+            )
+            simulator.add_arguments(fam)
+            fam.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+            fam.set_defaults(func=cmd_simulate, simulator=simulator)
+
+    decoders = {fmt: fn for cls in plugins.values() for fmt, fn in cls.decoders.items()}
+    decode = sub.add_parser("decode", help="decode one frame for a field engineer")
+    decode.add_argument("format", choices=sorted(decoders) or ["none"])
+    decode.add_argument("data")
+    decode.set_defaults(func=cmd_decode, decoders=decoders)
+
+    command = sub.add_parser("command", help="call a plugin command through the control API")
+    command.add_argument("-c", "--config", default=None, help="read api.listen/token_file from it")
+    command.add_argument("--api", default=None, help="HOST:PORT of the control API")
+    command.add_argument("--token-file", default=None)
+    command.add_argument("--timeout", type=float, default=70.0)
+    command.add_argument("plugin")
+    command.add_argument("command")
+    command.add_argument("arguments", nargs="*", help="key=string or key:=JSON")
+    command.set_defaults(func=cmd_command)
+
+    for plugin_class in plugins.values():
+        plugin_class.register_cli(sub)
+    return parser
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from gatewayd.config import check_config_main
+
+    return check_config_main(args.config)
+
+
+def _load_or_report(path: str | Path) -> Any:
+    from gatewayd.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return None
+    except OSError as exc:
+        print(f"{path}: cannot read config: {exc.strerror or exc}", file=sys.stderr)
+        return None
+    for warning in getattr(config, "warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config)
+    if config is None:
+        return 2
+    from gatewayd.runner import run_daemon
+
+    return run_daemon(config)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.config or demo_config_path())
+    if config is None:
+        return 2
+    state_dir = Path(args.state_dir or tempfile.mkdtemp(prefix="gatewayd-demo-"))
+    config.gateway.state_dir = state_dir.resolve()
+    from gatewayd.runner import run_daemon
+
+    return run_daemon(config, demo=True, duration=args.duration)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gatewayd.runner import run_simulator
+
+    return run_simulator(args.simulator, args, duration=args.duration)
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    decoder = args.decoders.get(args.format)
+    if decoder is None:
+        print(f"no decoder for {args.format!r}", file=sys.stderr)
+        return 2
+    try:
+        result = decoder(args.data)
+    except ValueError as exc:  # every protocol error derives from ValueError
+        reason = getattr(exc, "reason", None)
+        print(
+            f"invalid {args.format} frame" + (f" ({reason})" if reason else "") + f": {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
+    return 0
+
+
+def cmd_command(args: argparse.Namespace) -> int:
+    from gatewayd.client import command_main
+
+    return command_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(load_all(PLUGIN_GROUP))
+    args = parser.parse_args(argv)
+    return args.func(args)

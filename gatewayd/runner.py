@@ -1,0 +1,114 @@
+"""Process entry points: run the daemon (or the demo, or a simulator) on the global reactor.
+
+SIGTERM and SIGINT stop the reactor; a before-shutdown trigger stops the daemon within
+``gateway.shutdown_timeout`` (queues flushed), so the process exits 0 well inside systemd's
+``TimeoutStopSec``. A plugin that fails to start with ``startup_error_behavior: error`` exits 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from gatewayd.config_model import Config
+from gatewayd.logsetup import start_logging
+
+log = Logger(namespace="gatewayd.runner")
+
+
+def run_daemon(config: Config, *, demo: bool = False, duration: float | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``duration``); returns the process exit status."""
+    start_logging(config.gateway.log_level, config.gateway.log_format)
+    exit_status = [0]
+
+    async def main(reactor: Any) -> None:
+        from gatewayd.service import Daemon
+
+        daemon = Daemon(config, reactor)
+        simulators: list[Any] = []
+
+        async def shutdown() -> None:
+            for sim in simulators:
+                await defer.maybeDeferred(sim.stop)
+            stopping = daemon.stop()
+            timeout = config.gateway.shutdown_timeout
+            stopping.addTimeout(timeout, reactor)
+            try:
+                await stopping
+            except defer.TimeoutError:
+                log.error("shutdown took longer than {t} s; exiting anyway", t=timeout)
+
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: defer.ensureDeferred(shutdown())
+        )
+        try:
+            await daemon.start()
+        except Exception as exc:
+            log.critical("gatewayd failed to start: {error}", error=exc)
+            exit_status[0] = 1
+            return
+        if demo:
+            simulators.extend(await start_demo_simulators(daemon, reactor))
+        if duration is not None:
+            reactor.callLater(duration, reactor.stop)
+        await defer.Deferred()  # run until the reactor stops
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    except SystemExit as exc:
+        return exit_status[0] or (exc.code if isinstance(exc.code, int) else 1)
+    return exit_status[0]
+
+
+async def start_demo_simulators(daemon: Any, reactor: Any) -> list[Any]:
+    """Start the simulator of every running plugin instance that has one."""
+    started = []
+    for name, host in daemon.plugins.items():
+        simulator_class = host.plugin_class.simulator
+        if simulator_class is None or host.state != "running":
+            continue
+        try:
+            simulator = simulator_class.for_demo(host.config, reactor)
+            await defer.maybeDeferred(simulator.start)
+        except Exception as exc:
+            log.error("demo: simulator for {plugin} failed: {error!r}", plugin=name, error=exc)
+            continue
+        log.info(
+            "demo: {family} simulator started for plugin {plugin}",
+            family=simulator_class.family,
+            plugin=name,
+        )
+        started.append(simulator)
+    api = daemon.config.api
+    if api.enabled:
+        print(
+            f"gatewayd demo: control API on http://{api.listen}  (try: curl "
+            f"http://{api.listen}/api/v1/devices); Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+    return started
+
+
+def run_simulator(simulator_class: Any, args: Any, duration: float | None = None) -> int:
+    """``gatewayd simulate FAMILY``: one simulator alone until Ctrl-C (or ``duration``)."""
+    start_logging("info")
+
+    async def main(reactor: Any) -> None:
+        simulator = simulator_class.from_args(args, reactor)
+        reactor.addSystemEventTrigger(
+            "before", "shutdown", lambda: defer.maybeDeferred(simulator.stop)
+        )
+        await defer.maybeDeferred(simulator.start)
+        if duration is not None:
+            reactor.callLater(duration, reactor.stop)
+        await defer.Deferred()
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0

@@ -1,0 +1,208 @@
+"""The daemon: wires config, queues, sinks, pipeline, plugins and the control API on one reactor.
+
+Start order: queues → sinks → pipeline → plugins → control API → ``READY=1``. Stop order is the
+reverse: stop accepting (API, plugins), then flush the queues' pending writes, then stop sinks.
+Everything a plugin emitted before it stopped is durable before the process exits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from gatewayd.config_model import Config
+from gatewayd.delivery import SinkRunner
+from gatewayd.events import Event
+from gatewayd.host import PluginHost
+from gatewayd.pipeline import Pipeline
+from gatewayd.queue import QueueStore
+from gatewayd.sdnotify import Notifier
+from gatewayd.sinks.base import SinkContext
+
+log = Logger(namespace="gatewayd.daemon")
+
+
+class ReactorLagMeter:
+    """Measures how late the reactor runs a timer: a blocked reactor shows up as lag."""
+
+    interval = 0.5
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.lag = 0.0
+        self._expected = 0.0
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        self._expected = self.reactor.seconds() + self.interval
+        self._loop.start(self.interval, now=False)
+
+    def _tick(self) -> None:
+        now = self.reactor.seconds()
+        self.lag = max(0.0, now - self._expected)
+        self._expected = now + self.interval
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+
+class Daemon:
+    """One running gatewayd. ``start()`` and ``stop()`` return Deferreds."""
+
+    def __init__(self, config: Config, reactor: Any, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.gateway_id = config.gateway.id
+        self.state_dir = self._resolve(config.gateway.state_dir)
+        self.notifier = notifier or Notifier()
+        self.api_token = self._read_token()
+        self.queue_store = QueueStore(
+            self.state_dir / "queues", reactor, sync=config.gateway.queue_sync
+        )
+        self.sinks: dict[str, SinkRunner] = {}
+        self.plugins: dict[str, PluginHost] = {}
+        self.pipeline: Pipeline | None = None
+        self.api_port: Any = None
+        self.started_at = time.time()
+        self._lag = ReactorLagMeter(reactor)
+        self._watchdog: task.LoopingCall | None = None
+        self._stopping: defer.Deferred | None = None
+
+    # --- figures the API reads --------------------------------------------------------------
+
+    @property
+    def reactor_lag(self) -> float:
+        return self._lag.lag
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _resolve(self, path: Path) -> Path:
+        """Relative paths in the config are relative to the config file's directory."""
+        path = Path(path)
+        return path if path.is_absolute() else (Path(self.config.path).parent / path).resolve()
+
+    def _read_token(self) -> str | None:
+        token_file = self.config.api.token_file
+        if token_file is None:
+            return None
+        token = self._resolve(token_file).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"api.token_file {token_file} is empty")
+        return token
+
+    def emit(self, event: Event) -> defer.Deferred:
+        """Route one event; fires when it is durable in every queue it went to."""
+        assert self.pipeline is not None, "emit before start"
+        return self.pipeline.emit(event)
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lag.start()
+        self.queue_store.start()
+        queues = {}
+        for name, sink_config in self.config.sinks.items():
+            queue = self.queue_store.queue(
+                name,
+                max_bytes=sink_config.max_bytes,
+                max_age=sink_config.max_age,
+                overflow=sink_config.overflow,
+            )
+            sink_class = self.config.sink_classes[name]
+            context = SinkContext(
+                name=name,
+                gateway_id=self.gateway_id,
+                reactor=self.reactor,
+                state_dir=self.state_dir,
+                log=Logger(namespace=f"gatewayd.sink.{name}"),
+            )
+            sink = sink_class(name, sink_config, context)
+            runner = SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)
+            queues[name] = queue
+            self.sinks[name] = runner
+        self.pipeline = Pipeline(self.config.routes, queues, self.sinks)
+        for runner in self.sinks.values():
+            runner.start()
+
+        for name, plugin_config in self.config.plugins.items():
+            self.plugins[name] = PluginHost(
+                name,
+                self.config.plugin_classes[name],
+                plugin_config,
+                gateway_id=self.gateway_id,
+                reactor=self.reactor,
+                state_dir=self.state_dir / "plugins" / name,
+                emit=self.emit,
+            )
+        # Plugins start concurrently; one with startup_error_behavior=error fails the daemon.
+        results = yield defer.DeferredList(
+            [host.start() for host in self.plugins.values()], consumeErrors=True
+        )
+        for ok, failure in results:
+            if not ok:
+                yield self.stop()
+                failure.raiseException()
+
+        if self.config.api.enabled:
+            from gatewayd.api import listen_api
+
+            self.api_port = listen_api(self, self.config.api, self.reactor)
+        running = sum(1 for h in self.plugins.values() if h.state == "running")
+        status = f"{running}/{len(self.plugins)} plugins running, {len(self.sinks)} sinks"
+        self.notifier.notify(READY="1", STATUS=status)
+        self._start_watchdog()
+        log.info("gatewayd {gateway} ready: {status}", gateway=self.gateway_id, status=status)
+
+    def _start_watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        # Pinged from the reactor itself: a blocked reactor stops the pings and systemd restarts
+        # the service; a broker or device outage does not block the reactor, so it does not.
+        self._watchdog = task.LoopingCall(self.notifier.notify, WATCHDOG="1")
+        self._watchdog.clock = self.reactor
+        self._watchdog.start(interval, now=True)
+
+    def stop(self) -> defer.Deferred:
+        """Stop accepting, stop plugins, flush queues, stop sinks. Idempotent."""
+        if self._stopping is None:
+            self._stopping = defer.ensureDeferred(self._stop())
+        return self._stopping
+
+    async def _drain(self, timeout: float) -> None:
+        """Give healthy sinks up to ``timeout`` seconds to deliver what is queued.
+
+        Nothing is lost either way (the queues are durable); draining just means a clean stop
+        leaves no backlog for the next start.
+        """
+        deadline = self.reactor.seconds() + timeout
+        while self.reactor.seconds() < deadline:
+            busy = [r for r in self.sinks.values() if r.state == "ok" and r.queue.depth > 0]
+            if not busy:
+                return
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+        log.warn("stopping with events still queued; they are delivered after the next start")
+
+    async def _stop(self) -> None:
+        self.notifier.notify(STOPPING="1", STATUS="stopping")
+        log.info("gatewayd {gateway} stopping", gateway=self.gateway_id)
+        if self.api_port is not None:
+            await defer.maybeDeferred(self.api_port.stopListening)
+        await defer.DeferredList([host.stop() for host in self.plugins.values()])
+        await self._drain(self.config.gateway.shutdown_timeout / 2)
+        # Sinks first (a delivery in flight is finished or abandoned, its batch stays queued),
+        # then the store, which commits every put still pending before it closes.
+        await defer.DeferredList([runner.stop() for runner in self.sinks.values()])
+        await self.queue_store.stop()
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
+        self._lag.stop()
+        log.info("gatewayd {gateway} stopped", gateway=self.gateway_id)

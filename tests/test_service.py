@@ -1,0 +1,223 @@
+"""The daemon as a real process: sd_notify, SIGTERM, kill -9 durability, bad config, the unit.
+
+These start ``python -m gatewayd run`` as a child with the example plugin on a free port, talk to
+it over TCP like a device would, and read the sqlite sink's file afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gatewayd.testing import free_port, wait_for_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path: Path, device_port: int, api_port: int, sink: str) -> Path:
+    config = tmp_path / "gatewayd.yaml"
+    config.write_text(
+        f"""\
+gateway: {{id: t1, state_dir: {tmp_path / "state"}, log_level: info, shutdown_timeout: 8s}}
+api: {{listen: "127.0.0.1:{api_port}"}}
+plugins:
+  thermo: {{type: example, listen: "127.0.0.1:{device_port}"}}
+sinks:
+  store: {sink}
+routes:
+  - {{match: {{type: reading}}, sinks: [store]}}
+"""
+    )
+    return config
+
+
+def start_daemon(config: Path, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "gatewayd", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+class Device:
+    """A blocking TCP thermometer: sends readings, counts the OKs it gets back."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buffer = b""
+
+    def send_readings(self, names: list[str]) -> None:
+        self.sock.sendall(b"".join(f"T {n} 1.0\n".encode() for n in names))
+
+    def read_oks(self, count: int, timeout: float = 20.0) -> int:
+        """Read until ``count`` OK lines arrived (or the connection dropped); return how many."""
+        seen, deadline = 0, time.monotonic() + timeout
+        while seen < count and time.monotonic() < deadline:
+            while b"\n" in self.buffer and seen < count:
+                line, self.buffer = self.buffer.split(b"\n", 1)
+                seen += line == b"OK"
+            if seen >= count:
+                break
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.buffer += chunk
+        return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def sink_devices(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT device FROM events WHERE type='reading'")]
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def test_notify_ready_watchdog_stopping_and_sigterm_flushes(tmp_path):
+    device_port, api_port = free_port(), free_port()
+    db = tmp_path / "events.db"
+    config = write_config(tmp_path, device_port, api_port, f"{{type: sqlite, path: {db}}}")
+    notify_path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(notify_path)
+    server.settimeout(15)
+    proc = start_daemon(config, {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "200000"})
+    try:
+        messages = [server.recv(4096).decode()]
+        assert messages[0].startswith("READY=1"), messages
+        wait_for_port(device_port)
+        watchdogs = 0
+        deadline = time.monotonic() + 5
+        while watchdogs < 3 and time.monotonic() < deadline:
+            watchdogs += server.recv(4096) == b"WATCHDOG=1"
+        assert watchdogs >= 3
+
+        device = Device(device_port)
+        names = [f"s{i}" for i in range(200)]
+        device.send_readings(names)
+        assert device.read_oks(200) == 200
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert time.monotonic() - started < 10
+        rest = []
+        server.settimeout(0.5)
+        try:
+            while True:
+                rest.append(server.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert any(m.startswith("STOPPING=1") for m in rest), rest
+        # Every acknowledged reading reached the sink before the process exited.
+        assert sorted(sink_devices(db)) == sorted(names)
+    finally:
+        server.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_kill_9_loses_no_acknowledged_event(tmp_path):
+    """Run 1 cannot deliver (the sink's directory is a file), is killed -9 mid-stream; run 2
+    delivers every event that run 1 acknowledged."""
+    device_port, api_port = free_port(), free_port()
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    broken = write_config(
+        tmp_path, device_port, api_port, f"{{type: sqlite, path: {blocker / 'events.db'}}}"
+    )
+    proc = start_daemon(broken)
+    try:
+        wait_for_port(device_port, timeout=15)
+        device = Device(device_port)
+        names = [f"k{i}" for i in range(3000)]
+        device.send_readings(names)
+        acknowledged = device.read_oks(1500)
+        proc.send_signal(signal.SIGKILL)  # mid-stream: more lines are still being processed
+        proc.wait(10)
+        device.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert acknowledged == 1500
+
+    db = tmp_path / "events.db"
+    working = write_config(tmp_path, device_port, api_port, f"{{type: sqlite, path: {db}}}")
+    proc = start_daemon(working)
+    try:
+        # OKs come back in the order the lines were sent, so the first 1500 are acknowledged.
+        must_have = set(names[:acknowledged])
+        assert wait_until(lambda: db.exists() and must_have <= set(sink_devices(db)), 30), (
+            f"missing {len(must_have - set(sink_devices(db)))} acknowledged events"
+        )
+        delivered = sink_devices(db)
+        assert len(delivered) == len(set(delivered)), "the sqlite sink stores each id once"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+
+
+def test_bad_config_exits_2_naming_file_line_and_key(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(
+        "gateway: {id: t1}\n"
+        "plugins:\n"
+        "  thermo:\n"
+        "    type: example\n"
+        "    listen: 9000\n"
+        "sinks: {}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "run", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f'{config}:5: plugins.thermo.listen: expected "host:port", got 9000' in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_systemd_unit_verifies(tmp_path):
+    unit = (ROOT / "systemd" / "gatewayd.service").read_text()
+    lines = [line.strip() for line in unit.splitlines()]
+    assert not any(line.startswith("PrivateDevices") for line in lines)  # hides /dev/ttyUSB*
+    for option in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes",
+                   "StateDirectory=", "ConfigurationDirectory=", "SupplementaryGroups=dialout"):
+        assert option in unit
+    executable = shutil.which("gatewayd") or sys.executable
+    copy = tmp_path / "gatewayd.service"
+    copy.write_text(unit.replace("/usr/local/bin/gatewayd", executable))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    problems = [
+        line for line in (result.stdout + result.stderr).splitlines()
+        if "gatewayd.service" in line
+    ]
+    assert problems == [], problems
