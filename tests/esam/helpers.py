@@ -1,0 +1,245 @@
+"""Shared pieces of the ESAM plugin tests: valid arguments of every function, demo keys, a real
+control API site around a plugin instance, and a small HTTP client for it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gatewayd.plugins.esam.keys import EsamKeys, load_key_file
+from gatewayd.plugins.esam.meter import SoftMeter
+from gatewayd.plugins.esam.simulator import demo_key_copy
+from twisted.internet import defer, protocol
+from twisted.web.client import Agent, FileBodyProducer
+from twisted.web.http_headers import Headers
+
+from gatewayd.api import build_site
+from gatewayd.config_model import ApiSection
+from gatewayd.testing import PluginHarness
+
+METER_NO = "000000000001"
+DIV = "0000" + METER_NO
+ESAM_NO = "0001111100000032"
+
+
+def private_demo_keys(directory: Path) -> Path:
+    """The demo key file copied into ``directory`` with mode 0600."""
+    source = demo_key_copy()
+    target = directory / "keys.yaml"
+    os.replace(source, target)
+    return target
+
+
+def demo_keys() -> EsamKeys:
+    path = demo_key_copy()
+    try:
+        return load_key_file(path)
+    finally:
+        path.unlink()
+
+
+def meter(flag: int = 0) -> SoftMeter:
+    """A soft meter holding the demo keys (the counterpart of the simulator's card)."""
+    return SoftMeter(demo_keys(), METER_NO, bytes.fromhex(ESAM_NO), flag=flag)
+
+
+def calls() -> dict[str, dict[str, Any]]:
+    """Valid arguments for all 20 functions (infrared_auth and mac_check from a soft meter)."""
+    soft_meter = meter(0)
+    r1 = bytes.fromhex("271789B1271789B1")
+    _, esam, k1, r2 = soft_meter.infrared_query(r1)
+    soft_meter.r1 = bytes.fromhex("447034E1AABBCCDD")
+    readback = bytes.fromhex("04000106000000000000")
+    apdu, mac = soft_meter.read_back(0x00, readback)
+    return {
+        "open_device": {"reader_type": 0},
+        "close_device": {},
+        "identity_authentication": {"flag": 0, "div": DIV},
+        "user_control": {
+            "flag": 0,
+            "rand": "271789B1",
+            "div": DIV,
+            "esam_no": ESAM_NO,
+            "data": "1A00140730104001",
+        },
+        "parameter_update": {
+            "flag": 0,
+            "rand": "B4C8C420",
+            "div": DIV,
+            "apdu": "04D6811008",
+            "data": "00002209",
+        },
+        "price1_update": {
+            "flag": 0,
+            "rand": "B4C8C420",
+            "div": DIV,
+            "apdu": "04D6830484",
+            "data": "00001234" * 32,
+        },
+        "price2_update": {
+            "flag": 1,
+            "rand": "B4C8C420",
+            "div": DIV,
+            "apdu": "04D68400FF",
+            "data": "AB" * 251,
+        },  # 264 data bytes: a chained APDU
+        "parameter_else_update": {
+            "flag": 0,
+            "rand": "B4C8C420",
+            "div": DIV,
+            "apdu": "04D6880014",
+            "data": "0400100400230000",
+        },
+        "increase_purse": {
+            "flag": 1,
+            "rand": "B4C8C420",
+            "div": DIV,
+            "data": "000000C800000002112233445566",
+        },
+        "init_purse": {"flag": 0, "rand": "B4C8C420", "div": DIV, "data": "000000C8"},
+        "key_update_v2": {
+            "key_sum": 17,
+            "key_state": "01",
+            "key_id": "0001020A",
+            "rand": "B6382720",
+            "div": DIV,
+            "esam_no": ESAM_NO,
+        },
+        "data_clear1": {
+            "flag": 0,
+            "rand": "B4C8C420",
+            "div": DIV,
+            "data": "1B00140903111011AABBCCDD",
+        },
+        "infrared_rand": {},
+        "infrared_auth": {
+            "flag": 0,
+            "div": DIV,
+            "esam_no": esam.hex().upper(),
+            "rand1": r1.hex().upper(),
+            "rand1_endata": k1.hex().upper(),
+            "rand2": r2.hex().upper(),
+        },
+        "mac_check": {
+            "flag": 0,
+            "rand": "447034E1",
+            "div": DIV,
+            "apdu": apdu.hex().upper(),
+            "data": readback.hex().upper(),
+            "mac": mac.hex().upper(),
+        },
+        "mac_write": {
+            "flag": 0,
+            "rand": "690AF9B6",
+            "div": DIV,
+            "esam_no": ESAM_NO,
+            "file_id": "18",
+            "data_begin": "0010",
+            "data": "11223344",
+        },
+        "enc_mac_write": {
+            "flag": 0,
+            "rand": "F5A307BE",
+            "div": DIV,
+            "esam_no": ESAM_NO,
+            "file_id": "15",
+            "data_begin": "0000",
+            "data": "1122334455" * 7,
+        },
+        "enc_for_compare": {"key_index": "06", "div": "0102030405060708", "data": "5A" * 64},
+        "decrease_purse": {"flag": 1, "rand": "B4C8C420", "div": DIV, "data": "000000C8"},
+        "switch_charge_mode": {
+            "flag": 1,
+            "rand": "B4C8C420",
+            "div": DIV,
+            "data": "020000005000000001",
+        },
+    }
+
+
+# --- a real control API around one plugin instance ----------------------------------------------
+
+
+@dataclass
+class FakeHost:
+    name: str
+    type_name: str
+    plugin: Any
+    context: Any
+    state: str = "running"
+    error: str | None = None
+
+
+@dataclass
+class FakePipeline:
+    routed: int = 0
+    unrouted: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class FakeDaemon:
+    """The view of the daemon the control API reads (see gatewayd.api)."""
+
+    reactor: Any
+    gateway_id: str = "test-gw"
+    plugins: dict[str, FakeHost] = field(default_factory=dict)
+    sinks: dict[str, Any] = field(default_factory=dict)
+    pipeline: FakePipeline = field(default_factory=FakePipeline)
+    reactor_lag: float = 0.0
+    api_token: str | None = None
+
+
+class _Body(protocol.Protocol):
+    """Collects a response body (readBody warns about the proxied transport)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(b"".join(self.chunks))
+
+
+class ApiServer:
+    """``build_site`` listening on 127.0.0.1 with the harness's plugin as ``esam``."""
+
+    def __init__(self, harness: PluginHarness, reactor: Any, command_timeout: float = 30.0):
+        self.reactor = reactor
+        self.daemon = FakeDaemon(reactor)
+        self.daemon.plugins["esam"] = FakeHost("esam", "esam", harness.plugin, harness.context)
+        config = ApiSection(listen="127.0.0.1:0", command_timeout=command_timeout)
+        self.port = reactor.listenTCP(0, build_site(self.daemon, config), interface="127.0.0.1")
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.agent = Agent(reactor)
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        producer = None
+        if body is not None:
+            from io import BytesIO
+
+            producer = FileBodyProducer(BytesIO(json.dumps(body).encode()))
+        response = await self.agent.request(
+            method.encode(),
+            (self.base + path).encode(),
+            Headers({b"content-type": [b"application/json"]}),
+            producer,
+        )
+        collector = _Body()
+        response.deliverBody(collector)
+        content = await collector.done
+        if path == "/metrics":
+            return response.code, content.decode()
+        return response.code, json.loads(content)
+
+    async def command(self, name: str, arguments: dict[str, Any]) -> tuple[int, Any]:
+        return await self.request("POST", f"/api/v1/plugins/esam/commands/{name}", arguments)
+
+    def stop(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.port.stopListening)
