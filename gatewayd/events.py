@@ -12,10 +12,26 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from ulid import ULID
 
 #: Field order of the JSON form; sinks and consumers can rely on it.
 FIELDS = ("id", "ts", "gateway", "plugin", "protocol", "device", "type", "data", "raw")
+
+
+_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def encode_json(obj: Any) -> str:
+    """Compact JSON, keys in insertion order, non-ASCII kept as is: the one encoder of the
+    pipeline (orjson: ~10x the standard library's speed on the hot path)."""
+    try:
+        return orjson.dumps(obj, default=str, option=_OPTIONS).decode()
+    except TypeError:  # integers beyond 64 bits, or a self-containing value
+        return _fallback(obj)
+
+
+_fallback = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 class EventDecodeError(ValueError):
@@ -51,7 +67,7 @@ class Event:
 
     def to_json(self) -> str:
         """Compact JSON, keys in envelope order, non-ASCII kept as is."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False, default=str)
+        return encode_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, obj: Any) -> Event:

@@ -22,7 +22,13 @@ from gatewayd.schema import PluginConfig
 
 log = Logger(namespace="gatewayd.host")
 
-STARTING, RUNNING, RETRYING, FAILED, STOPPED = "starting", "running", "retrying", "failed", "stopped"
+STARTING, RUNNING, RETRYING, FAILED, STOPPED = (
+    "starting",
+    "running",
+    "retrying",
+    "failed",
+    "stopped",
+)
 
 
 class PluginStartError(Exception):
@@ -30,7 +36,7 @@ class PluginStartError(Exception):
 
 
 class PluginHost:
-    """Owns one plugin instance and its state (``starting`` → ``running`` | ``retrying`` | ``failed``)."""
+    """Owns one plugin instance and its state: starting, then running, retrying or failed."""
 
     #: Retry delays for ``startup_error_behavior: retry``: 1 s growing ×1.5 to 60 s, plus 0..1 s
     #: of jitter (Twisted's own policy, as ClientService uses).
@@ -72,7 +78,7 @@ class PluginHost:
         return self.config.startup_error_behavior
 
     def start(self) -> defer.Deferred:
-        """Fires when the plugin runs, or failed/retrying as configured; errbacks only for ``error``."""
+        """Fires once the plugin runs, failed or is retrying; errbacks only for ``error``."""
         self.attempts += 1
         self.state = STARTING
         d = defer.maybeDeferred(self._construct_and_start)

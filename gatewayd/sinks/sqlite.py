@@ -10,13 +10,12 @@ disk even after a power loss, since the queue deletes it once the sink acknowled
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from gatewayd.events import Event
+from gatewayd.events import Event, encode_json
 from gatewayd.schema import SinkConfig
 from gatewayd.sinks.base import BlockingSink
 
@@ -49,7 +48,7 @@ SELECT json_extract(j, '$.id'), json_extract(j, '$.ts'), json_extract(j, '$.gate
        json_extract(j, '$.type'), json_extract(j, '$.data'), json_extract(j, '$.raw')
 FROM (SELECT ? AS j) WHERE json_valid(j)
 """
-_encode_data = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+_encode_data = encode_json
 
 
 class SqliteSink(BlockingSink):
