@@ -2,10 +2,10 @@
 
 import pytest
 import pytest_twisted
+from gatewayd.plugins.example import ThermometerPlugin, ThermometerSimulator
 from twisted.internet import defer, reactor
 
 from gatewayd.plugin import BadArguments, DeviceTimeout, NotFound
-from gatewayd.plugins.example import ThermometerPlugin, ThermometerSimulator
 from gatewayd.testing import PluginHarness, connect_line_client, free_port
 
 
@@ -27,8 +27,11 @@ def test_reading_is_acknowledged_only_after_it_is_durable():
         yield harness.collector.wait_for("reading").addTimeout(5, reactor)
         assert harness.collector.types() == ["device.online", "reading"]
         reading = harness.collector.events[1]
-        assert (reading.device, reading.data, reading.raw) == ("kitchen", {"celsius": 21.5},
-                                                               "T kitchen 21.5")
+        assert (reading.device, reading.data, reading.raw) == (
+            "kitchen",
+            {"celsius": 21.5},
+            "T kitchen 21.5",
+        )
         assert (reading.plugin, reading.protocol, reading.gateway) == ("test", "example", "test-gw")
         # Nothing is acknowledged while the event is not durable.
         with pytest.raises(defer.TimeoutError):
@@ -127,7 +130,10 @@ def test_simulator_devices_are_acknowledged():
     try:
         yield harness.collector.wait_for("reading", 9).addTimeout(5, reactor)
         assert {e.device for e in harness.collector.of_type("device.online")} == {
-            "thermo-1", "thermo-2", "thermo-3"}
+            "thermo-1",
+            "thermo-2",
+            "thermo-3",
+        }
         for _ in range(50):
             if sim.acknowledged >= 9:
                 break

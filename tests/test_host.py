@@ -28,8 +28,15 @@ def host(behavior, failures):
     cls = type("FlakyN", (Flaky,), {"failures": failures, "starts": 0})
     clock = task.Clock()
     config = PluginConfig(type="flaky", startup_error_behavior=behavior)
-    h = PluginHost("p", cls, config, gateway_id="gw", reactor=clock,
-                   state_dir=Path(tempfile.mkdtemp()), emit=lambda e: defer.succeed(None))
+    h = PluginHost(
+        "p",
+        cls,
+        config,
+        gateway_id="gw",
+        reactor=clock,
+        state_dir=Path(tempfile.mkdtemp()),
+        emit=lambda e: defer.succeed(None),
+    )
     h.retry_policy = backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=1.5, jitter=lambda: 0)
     return h, clock, cls
 

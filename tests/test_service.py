@@ -185,12 +185,7 @@ def test_kill_9_loses_no_acknowledged_event(tmp_path):
 def test_bad_config_exits_2_naming_file_line_and_key(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(
-        "gateway: {id: t1}\n"
-        "plugins:\n"
-        "  thermo:\n"
-        "    type: example\n"
-        "    listen: 9000\n"
-        "sinks: {}\n"
+        "gateway: {id: t1}\nplugins:\n  thermo:\n    type: example\n    listen: 9000\nsinks: {}\n"
     )
     result = subprocess.run(
         [sys.executable, "-m", "gatewayd", "run", "-c", str(config)],
@@ -207,8 +202,15 @@ def test_systemd_unit_verifies(tmp_path):
     unit = (ROOT / "systemd" / "gatewayd.service").read_text()
     lines = [line.strip() for line in unit.splitlines()]
     assert not any(line.startswith("PrivateDevices") for line in lines)  # hides /dev/ttyUSB*
-    for option in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes",
-                   "StateDirectory=", "ConfigurationDirectory=", "SupplementaryGroups=dialout"):
+    for option in (
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "StateDirectory=",
+        "ConfigurationDirectory=",
+        "SupplementaryGroups=dialout",
+    ):
         assert option in unit
     executable = shutil.which("gatewayd") or sys.executable
     copy = tmp_path / "gatewayd.service"
@@ -217,7 +219,6 @@ def test_systemd_unit_verifies(tmp_path):
         ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60
     )
     problems = [
-        line for line in (result.stdout + result.stderr).splitlines()
-        if "gatewayd.service" in line
+        line for line in (result.stdout + result.stderr).splitlines() if "gatewayd.service" in line
     ]
     assert problems == [], problems

@@ -66,9 +66,7 @@ class ThermometerProtocol(LineOnlyReceiver):
             return
         match = READING.fullmatch(text)
         if match is None:
-            self.plugin.context.emit(
-                "frame.invalid", self.device, {"reason": "format"}, raw=text
-            )
+            self.plugin.context.emit("frame.invalid", self.device, {"reason": "format"}, raw=text)
             self.send("ERR format")
             return
         self.plugin.reading(self, match["device"], float(match["celsius"]), text)
