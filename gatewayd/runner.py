@@ -31,8 +31,7 @@ def run_daemon(config: Config, *, demo: bool = False, duration: float | None = N
         simulators: list[Any] = []
 
         async def shutdown() -> None:
-            for sim in simulators:
-                await defer.maybeDeferred(sim.stop)
+            # The daemon first: its plugins then see their devices still there while stopping.
             stopping = daemon.stop()
             timeout = config.gateway.shutdown_timeout
             stopping.addTimeout(timeout, reactor)
@@ -40,6 +39,8 @@ def run_daemon(config: Config, *, demo: bool = False, duration: float | None = N
                 await stopping
             except defer.TimeoutError:
                 log.error("shutdown took longer than {t} s; exiting anyway", t=timeout)
+            for sim in simulators:
+                await defer.maybeDeferred(sim.stop)
 
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.ensureDeferred(shutdown())
