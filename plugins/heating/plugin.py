@@ -1,0 +1,791 @@
+"""The heating plugin (``type: heating``): hy/gw heating gateways and their CJ/T 188 meters.
+
+The gateways are MQTT clients of a broker we also connect to (``gatewayd.mqtt.MqttClient``).
+They publish on ``{prefix}/set/<gw_id>``; we publish commands on ``{prefix}/get/<gw_id>``.
+Each message is decoded by the codecs (``gatewayd.protocols.hygw`` for the JSON envelope,
+``gatewayd.protocols.cjt188`` for the meter frames inside it) and becomes events:
+
+=========  ===============================================================================
+msg_id     events
+=========  ===============================================================================
+any        ``device.online`` when a gateway is heard for the first time or again after
+           being offline
+1          ``gateway.status``
+2          ``gateway.periods``
+20         one ``meter.reading`` per frame in ``meter_data``; a bad frame: ``frame.invalid``
+70         (the gateway's last will) ``device.offline``
+other      logged once per msg_id and counted (``unknown_messages``)
+=========  ===============================================================================
+
+A gateway silent for ``offline_after`` while our broker link is up also goes offline; one
+silent for ``poll_after`` is first asked for its status (msg 1). A payload that does not decode
+is ``frame.invalid`` with the reason; an exception while handling one message is logged and
+becomes ``frame.invalid`` (``internal_error``): neither stops the MQTT loop or other gateways.
+
+With ``subscribe_qos: 1`` a QoS 1 message (the gateways publish their last will with QoS 1,
+their reports with QoS 0) is acknowledged to the broker only after its events are durable.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from gatewayd.protocols import cjt188, hygw
+from gatewayd.protocols.errors import Cjt188Error, HygwError
+from twisted.internet import defer, task
+
+from gatewayd.mqtt import CONNECTED, MqttClient, MqttError
+from gatewayd.plugin import (
+    BadArguments,
+    CommandError,
+    Device,
+    DeviceRefused,
+    NotFound,
+    Plugin,
+    command,
+)
+
+from .config import (
+    GatewayArgs,
+    HeatingConfig,
+    ReadNowArgs,
+    SetPeriodsArgs,
+    SetValveArgs,
+    TransparentArgs,
+)
+from .state import STAT, Correlator, Gateway, GatewayRegistry, PendingCommand
+
+__all__ = ["BrokerUnavailable", "HeatingPlugin", "periods_data", "status_data"]
+
+MSG_STATUS, MSG_PERIODS, MSG_SET_PERIODS, MSG_READ_NOW = 1, 2, 12, 18
+MSG_METER_REPORT, MSG_REBOOT, MSG_TRANSPARENT, MSG_LAST_WILL = 20, 30, 40, 70
+#: Payloads longer than this are not decoded (frame.invalid, reason ``length``).
+MAX_PAYLOAD = 64 * 1024
+#: Characters of an undecodable payload kept in the frame.invalid event's ``raw``.
+MAX_RAW = 4096
+
+
+class BrokerUnavailable(CommandError):
+    """503: the plugin is not connected to the MQTT broker right now (it keeps reconnecting)."""
+
+    status = 503
+    code = "broker_unavailable"
+
+
+def default_client_id(instance: str) -> str:
+    """``gatewayd-<host>-<instance>``: unique per box and plugin instance, never a gw_id."""
+    raw = f"gatewayd-{socket.gethostname()}-{instance}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:64]
+
+
+def _iso(posix: float | None) -> str | None:
+    if posix is None:
+        return None
+    return datetime.fromtimestamp(posix, UTC).isoformat(timespec="seconds")
+
+
+def status_data(message: hygw.Message) -> dict[str, Any]:
+    """``gateway.status`` data from a msg 1: the firmware's keys under stable names."""
+    fields, values = message.fields, message.values
+    has_rst = fields.get("has_rst")
+    data: dict[str, Any] = {
+        "csq": None,
+        "rssi": fields.get("RSSI"),
+        "sinr": fields.get("SINR"),
+        "iccid": fields.get("CCID"),
+        "version": fields.get("GW_Ver"),
+        "mbus_mv": fields.get("MBUS_mV"),
+        "mbus_ma": fields.get("MBUS_mA"),
+        "model": fields.get("GW_model"),
+        "main_meter_total": fields.get("main_meter_total"),
+        "copy_meter_total": fields.get("copy_meter_total"),
+        "has_reset": bool(has_rst) if isinstance(has_rst, int) else has_rst,
+    }
+    if "CSQ" in fields:
+        csq = values.get("CSQ") or {}
+        data["csq"] = {"raw": fields["CSQ"], "rssi": csq.get("rssi"), "ber": csq.get("ber")}
+    if message.stat is not None:
+        data["stat"] = message.stat.to_dict()
+    if message.quirks:
+        data["quirks"] = list(message.quirks)
+    return data
+
+
+def periods_data(message: hygw.Message) -> dict[str, Any]:
+    """``gateway.periods`` data from a msg 2 (heating dates as ``MM-DD``)."""
+    fields, values = message.fields, message.values
+    data = {
+        "not_intimer_interval": fields.get("not_intimer_interval"),
+        "heating_start": values.get("heating_start"),
+        "heating_end": values.get("heating_end"),
+        "main_interval": fields.get("main_interval"),
+        "copy_interval": fields.get("copy_interval"),
+        "copy_statistics": fields.get("copy_statistics"),
+    }
+    if message.stat is not None:
+        data["stat"] = message.stat.to_dict()
+    return data
+
+
+def _stat_only(message: hygw.Message) -> dict[str, Any]:
+    stat = message.stat
+    return {"stat": None if stat is None else stat.to_dict()}
+
+
+def _frame_summary(hex_frame: str, bcd_decimals: int) -> dict[str, Any]:
+    """One frame of a transparent reply for a command result: header and decoded payload."""
+    try:
+        frame = cjt188.parse_hex(hex_frame)
+    except Cjt188Error as exc:
+        return {"hex": hex_frame, "error": {"reason": exc.reason, "message": exc.message}}
+    return {
+        "hex": hex_frame,
+        "frame": frame.to_dict(),
+        "payload": cjt188.decode_payload(frame, bcd_decimals),
+    }
+
+
+class HeatingPlugin(Plugin):
+    """Plugin type ``heating``: hy/gw gateways over MQTT, CJ/T 188 meters behind them."""
+
+    protocol = "heating"
+    Config = HeatingConfig
+    decoders = {"cjt188": cjt188.decode_for_cli, "hygw": hygw.decode_for_cli}
+    #: Builds the broker link; tests put a fake here.
+    link_factory: Callable[..., Any] = MqttClient
+
+    config: HeatingConfig
+
+    def __init__(self, name: str, config: HeatingConfig, context: Any) -> None:
+        super().__init__(name, config, context)
+        self.prefix = config.topic_prefix
+        self.registry = GatewayRegistry(self.reactor, config.max_gateways)
+        self.correlator = Correlator(self.reactor)
+        self.link: Any = None
+        self.link_up_since: float | None = None
+        self.unknown_msg_ids: Counter[int] = Counter()
+        self.unsolicited = 0
+        self.handler_errors = 0
+        self._housekeeping: task.LoopingCall | None = None
+        self._handlers: dict[int, Callable[..., None]] = {
+            MSG_STATUS: self._on_status,
+            MSG_PERIODS: self._on_periods,
+            MSG_SET_PERIODS: self._on_stat_reply,
+            MSG_READ_NOW: self._on_stat_reply,
+            MSG_METER_REPORT: self._on_meter_report,
+            MSG_REBOOT: self._on_stat_reply,
+            MSG_TRANSPARENT: self._on_transparent,
+        }
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        config = self.config
+        self.client_id = config.broker.client_id or default_client_id(self.name)
+        self.link = self.link_factory(
+            self.reactor,
+            config.broker,
+            client_id=self.client_id,
+            on_message=self.on_mqtt_message,
+            subscriptions=[(hygw.subscribe_topic(self.prefix), config.subscribe_qos)],
+            manual_ack=config.subscribe_qos > 0,
+            name=self.name,
+            log=self.log,
+        )
+        self.link.add_state_listener(self._link_state)
+        self._register_gauges()
+        self.link.start()
+        self._housekeeping = task.LoopingCall(self.check_gateways)
+        self._housekeeping.clock = self.reactor
+        self._housekeeping.start(self._housekeeping_interval(), now=False)
+
+    def stop(self) -> defer.Deferred:
+        if self._housekeeping is not None and self._housekeeping.running:
+            self._housekeeping.stop()
+        self.correlator.fail_all(
+            lambda p: BrokerUnavailable(f"the plugin stopped before {p.gw_id} answered")
+        )
+        if self.link is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(self.link.stop)
+
+    def _housekeeping_interval(self) -> float:
+        shortest = min(self.config.offline_after, self.config.poll_after or float("inf"))
+        return min(max(shortest / 10, 0.05), 30.0)
+
+    def _link_state(self, state: str) -> None:
+        self.link_up_since = self.reactor.seconds() if state == CONNECTED else None
+
+    def _register_gauges(self) -> None:
+        metrics = self.context.metrics
+        self.link.register_metrics(metrics)
+        registry = self.registry
+        metrics.gauge("gateways_known", "Gateways heard from", lambda: registry.counts()[0])
+        metrics.gauge("gateways_online", "Gateways online", lambda: registry.counts()[1])
+        metrics.gauge("meters_known", "Meters seen in reports", lambda: registry.counts()[2])
+        metrics.gauge(
+            "commands_in_flight",
+            "Commands waiting for a gateway",
+            lambda: len(self.correlator.pending),
+        )
+        metrics.gauge(
+            "unknown_messages",
+            "Messages with a msg_id the plugin does not handle",
+            lambda: sum(self.unknown_msg_ids.values()),
+        )
+        metrics.gauge(
+            "unsolicited_replies",
+            "Replies that matched no command in flight (late, or another server's)",
+            lambda: self.unsolicited,
+        )
+        metrics.gauge(
+            "handler_errors",
+            "Messages whose handling raised (logged, frame.invalid internal_error)",
+            lambda: self.handler_errors,
+        )
+
+    # --- housekeeping: silence, polling ----------------------------------------------------
+
+    def check_gateways(self) -> None:
+        """Offline after ``offline_after`` of silence; a status request after ``poll_after``."""
+        since = self.link_up_since
+        if since is None or self.link is None or not self.link.connected:
+            return  # while we are cut off from the broker, the silence is ours
+        now = self.reactor.seconds()
+        for gateway in self.registry.silent(self.config.offline_after, since):
+            gateway.online = False
+            self.context.emit(
+                "device.offline",
+                gateway.gw_id,
+                {
+                    "reason": "silent",
+                    "silent_for": round(now - max(gateway.last_seen, since), 3),
+                    "last_seen": _iso(gateway.last_seen_wall),
+                },
+            )
+            self.log.info("gateway {gw_id} offline: silent", gw_id=gateway.gw_id)
+        if self.config.poll_after is None:
+            return
+        for gateway in self.registry.to_poll(self.config.poll_after, since):
+            if self.correlator.get(gateway.gw_id, MSG_STATUS) is not None:
+                continue
+            gateway.polled_at = now
+            try:
+                self._publish(gateway.gw_id, hygw.build_status_request(gateway.gw_id))
+            except (MqttError, HygwError):
+                return
+
+    # --- inbound messages ------------------------------------------------------------------
+
+    def on_mqtt_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:
+        """One MQTT message; returns a Deferred that fires when its events are durable."""
+        self.context.metrics.frames_in += 1
+        try:
+            return self._dispatch(topic, payload)
+        except Exception as exc:
+            self.handler_errors += 1
+            self.log.failure("heating: handling a message on {topic} failed", topic=topic)
+            return self._emit_invalid(
+                None,
+                "internal_error",
+                f"{type(exc).__name__}: {exc}",
+                _text(payload),
+                topic=topic,
+            )
+
+    def _dispatch(self, topic: str, payload: bytes) -> Any:
+        if len(payload) > MAX_PAYLOAD:
+            return self._emit_invalid(
+                self._topic_gw_id(topic),
+                "length",
+                f"payload of {len(payload)} bytes (more than {MAX_PAYLOAD})",
+                _text(payload),
+                topic=topic,
+            )
+        try:
+            message = hygw.decode_message(payload, topic=topic, prefix=self.prefix)
+        except HygwError as exc:
+            return self._emit_invalid(
+                self._topic_gw_id(topic), exc.reason, exc.message, _text(payload), topic=topic
+            )
+        if message.direction != "set":
+            return None  # our own commands (a wider subscription than ours would see them)
+        if message.msg_id == MSG_LAST_WILL:
+            return self._on_last_will(message)
+        emits: list[defer.Deferred] = []
+        gateway, came_online = self.registry.heard(message.gw_id)
+        if came_online is not None:
+            emits.append(
+                self.context.emit(
+                    "device.online",
+                    message.gw_id,
+                    {"reason": came_online, "msg_id": message.msg_id},
+                )
+            )
+            self.log.info(
+                "gateway {gw_id} online ({reason})", gw_id=message.gw_id, reason=came_online
+            )
+        handler = self._handlers.get(message.msg_id)
+        if handler is None:
+            self._unknown(message)
+        else:
+            handler(message, gateway, emits)
+        if not emits:
+            return None
+        if len(emits) == 1:
+            return emits[0]
+        return defer.DeferredList(emits, consumeErrors=True)
+
+    def _topic_gw_id(self, topic: str) -> str | None:
+        try:
+            return hygw.topic_gw_id(topic, self.prefix)[1]
+        except HygwError:
+            return None
+
+    def _emit_invalid(
+        self, device: str | None, reason: str, message: str, raw: str | None, **extra: Any
+    ) -> defer.Deferred:
+        data = {"reason": reason, "message": message, **extra}
+        if raw is not None and len(raw) > MAX_RAW:
+            data["raw_truncated"] = len(raw)
+            raw = raw[:MAX_RAW]
+        return self.context.emit("frame.invalid", device, data, raw=raw)
+
+    def _unknown(self, message: hygw.Message) -> None:
+        self.unknown_msg_ids[message.msg_id] += 1
+        emit = self.log.warn if self.unknown_msg_ids[message.msg_id] == 1 else self.log.debug
+        emit(
+            "gateway {gw_id} sent msg_id {msg_id} ({kind}), which the plugin does not handle "
+            "(counted in unknown_messages)",
+            gw_id=message.gw_id,
+            msg_id=message.msg_id,
+            kind=message.kind,
+        )
+
+    def _on_status(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+        data = status_data(message)
+        if gateway is not None:
+            gateway.status = data
+        emits.append(self.context.emit("gateway.status", message.gw_id, data, raw=message.raw))
+        self._answer(message)
+
+    def _on_periods(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+        data = periods_data(message)
+        if gateway is not None:
+            gateway.periods = data
+        emits.append(self.context.emit("gateway.periods", message.gw_id, data, raw=message.raw))
+        self._answer(message)
+
+    def _on_stat_reply(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+        self._answer(message)
+
+    def _answer(self, message: hygw.Message) -> None:
+        """Complete the command in flight for (gw_id, msg_id), if any, from its reply."""
+        pending = self.correlator.get(message.gw_id, message.msg_id)
+        if pending is None:
+            if message.msg_id not in (MSG_STATUS, MSG_PERIODS):  # those also come unasked
+                self.unsolicited += 1
+                self.log.debug(
+                    "unsolicited msg {msg_id} reply from {gw_id}",
+                    msg_id=message.msg_id,
+                    gw_id=message.gw_id,
+                )
+            return
+        stat = message.stat
+        if stat is not None and not stat.ok:
+            self.correlator.reject(pending, self._refusal(pending, stat))
+        else:
+            self.correlator.resolve(pending, message)
+
+    @staticmethod
+    def _refusal(pending: PendingCommand, stat: hygw.StatResult) -> DeviceRefused:
+        return DeviceRefused(
+            f"gateway {pending.gw_id} answered {pending.command} (msg {pending.msg_id}) with "
+            f"stat {stat.code} ({stat.name})",
+            code=stat.code,
+        )
+
+    def _on_meter_report(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+        gw_id = message.gw_id
+        meter = message.values.get("meter_id")
+        if meter is None:
+            raw_id = message.fields.get("meter_id")
+            emits.append(
+                self._emit_invalid(
+                    gw_id,
+                    "meter_id",
+                    f"meter_id must be 14 hex digits, got {raw_id!r}",
+                    message.raw,
+                    msg_id=MSG_METER_REPORT,
+                )
+            )
+            return
+        meter_id = meter["meter_id"]
+        frames = message.frames
+        if not frames:
+            emits.append(
+                self._emit_invalid(
+                    meter_id,
+                    "no_frames",
+                    "msg 20 without a hex frame in meter_data",
+                    message.raw,
+                    gateway=gw_id,
+                    meter_id=meter_id,
+                )
+            )
+            return
+        known = None
+        if gateway is not None:
+            known = self.registry.meter(
+                gateway, meter_id, meter["number"], meter["protocol"], meter["port"]
+            )
+        bcd_decimals = self.config.bcd_decimals
+        for hex_frame in frames:
+            try:
+                frame = cjt188.parse_hex(hex_frame)
+            except Cjt188Error as exc:
+                emits.append(
+                    self._emit_invalid(
+                        meter_id,
+                        exc.reason,
+                        exc.message,
+                        hex_frame,
+                        gateway=gw_id,
+                        meter_id=meter_id,
+                    )
+                )
+                continue
+            payload = cjt188.decode_payload(frame, bcd_decimals)
+            data = {
+                "gateway": gw_id,
+                "meter_id": meter_id,
+                "number": meter["number"],
+                "protocol": meter["protocol"],
+                "port": meter["port"],
+                "meter_type": f"{frame.meter_type:02X}",
+                "address": frame.address,
+                "control": f"{frame.control:02X}",
+                "di": frame.di_hex,
+                **payload,
+            }
+            if known is not None:
+                known.meter_type = frame.meter_type
+                known.address = frame.address
+            emits.append(self.context.emit("meter.reading", meter_id, data, raw=hex_frame))
+
+    def _on_transparent(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+        pending = self.correlator.get(message.gw_id, MSG_TRANSPARENT)
+        if pending is None:
+            self.unsolicited += 1
+            self.log.info(
+                "msg 40 from {gw_id} matches no command in flight (late reply?)",
+                gw_id=message.gw_id,
+            )
+            return
+        stat = message.stat
+        if "meter_data" in message.fields:
+            self.correlator.resolve(pending, message)  # the meter answered (stat implied)
+        elif stat is not None and not stat.ok:
+            self.correlator.reject(pending, self._refusal(pending, stat))
+        elif pending.wait_reply and pending.phase == STAT:
+            self.correlator.await_reply(
+                pending,
+                stat.to_dict() if stat is not None else None,
+                self.config.transparent_timeout,
+            )
+        else:
+            self.correlator.resolve(pending, message)
+
+    def _on_last_will(self, message: hygw.Message) -> Any:
+        if not self.registry.went_offline(message.gw_id):
+            return None
+        self.log.info("gateway {gw_id} offline: last will", gw_id=message.gw_id)
+        return self.context.emit(
+            "device.offline", message.gw_id, {"reason": "last_will"}, raw=message.raw
+        )
+
+    # --- devices ---------------------------------------------------------------------------
+
+    def devices(self) -> list[Device]:
+        """Gateways (``kind: gateway``) and the meters seen behind them (``kind: meter``)."""
+        listed = []
+        for gateway in sorted(self.registry.gateways.values(), key=lambda g: g.gw_id):
+            listed.append(
+                Device(
+                    id=gateway.gw_id,
+                    online=gateway.online,
+                    last_seen=gateway.last_seen_wall,
+                    details={
+                        "kind": "gateway",
+                        "meters": len(gateway.meters),
+                        "version": gateway.status.get("version"),
+                        "rssi": gateway.status.get("rssi"),
+                    },
+                )
+            )
+            for meter in sorted(gateway.meters.values(), key=lambda m: m.meter_id):
+                listed.append(
+                    Device(
+                        id=meter.meter_id,
+                        online=gateway.online,
+                        last_seen=meter.last_seen,
+                        details={
+                            "kind": "meter",
+                            "gateway": gateway.gw_id,
+                            "meter_type": None
+                            if meter.meter_type is None
+                            else f"{meter.meter_type:02X}",
+                            "address": meter.address,
+                            "port": meter.port,
+                        },
+                    )
+                )
+        return listed
+
+    # --- commands --------------------------------------------------------------------------
+
+    def _publish(self, gw_id: str, payload: bytes) -> None:
+        if self.link is None:
+            raise MqttError("not started")
+        sent = self.link.publish(
+            hygw.topic("get", gw_id, self.prefix), payload, qos=self.config.command_qos
+        )
+        sent.addErrback(lambda failure: None)  # a stop before PUBACK; the command times out
+        self.context.metrics.frames_out += 1
+
+    def _send(
+        self,
+        name: str,
+        gw_id: str,
+        msg_id: int,
+        payload: bytes,
+        *,
+        wait_reply: bool = False,
+        allow_unknown: bool = False,
+    ) -> PendingCommand:
+        """Publish a command and register it for correlation (404, 409, 503 raised here)."""
+        if gw_id == hygw.BROADCAST_GW_ID:
+            raise BadArguments("gw_id: the broadcast id cannot be answered; name one gateway")
+        gateway = self.registry.get(gw_id)
+        if not allow_unknown:
+            if gateway is None:
+                raise NotFound(
+                    f"gateway {gw_id} has not been heard from since the plugin started "
+                    "(the refresh command asks it)"
+                )
+            if not gateway.online:
+                raise NotFound(f"gateway {gw_id} is offline")
+        if self.link is None or not self.link.connected:
+            raise BrokerUnavailable(
+                f"not connected to the MQTT broker {self.config.broker.host}:"
+                f"{self.config.broker.port}; it keeps reconnecting"
+            )
+        pending = self.correlator.begin(
+            gw_id, msg_id, name, self.config.command_timeout, wait_reply=wait_reply
+        )
+        try:
+            self._publish(gw_id, payload)
+        except MqttError as exc:
+            self.correlator.discard(pending)
+            raise BrokerUnavailable(str(exc)) from None
+        return pending
+
+    def _finish(
+        self, name: str, gw_id: str, pending: PendingCommand, to_result: Callable[[Any], Any]
+    ) -> defer.Deferred:
+        """Turn the reply into the command's result and report it as ``command.result``."""
+        d = pending.deferred
+        d.addCallback(to_result)
+
+        def succeeded(result: Any) -> Any:
+            self.context.emit(
+                "command.result",
+                gw_id,
+                {"command": name, "msg_id": pending.msg_id, "ok": True, "result": result},
+            )
+            return result
+
+        def failed(failure: Any) -> Any:
+            error = failure.value
+            if isinstance(error, CommandError):
+                described = error.to_dict()
+            else:
+                described = {"code": type(error).__name__, "message": str(error)}
+            self.context.emit(
+                "command.result",
+                gw_id,
+                {"command": name, "msg_id": pending.msg_id, "ok": False, "error": described},
+            )
+            return failure
+
+        d.addCallbacks(succeeded, failed)
+        return d
+
+    @command("refresh", args=GatewayArgs)
+    def refresh(self, args: GatewayArgs) -> defer.Deferred:
+        """Ask a gateway for its status (msg 1); works for gateways not heard from yet."""
+        payload = hygw.build_status_request(args.gw_id)
+        pending = self._send("refresh", args.gw_id, MSG_STATUS, payload, allow_unknown=True)
+        return self._finish("refresh", args.gw_id, pending, status_data)
+
+    @command("get_periods", args=GatewayArgs)
+    def get_periods(self, args: GatewayArgs) -> defer.Deferred:
+        """Read the reporting periods and heating season (msg 2)."""
+        payload = hygw.build_periods_request(args.gw_id)
+        pending = self._send("get_periods", args.gw_id, MSG_PERIODS, payload)
+        return self._finish("get_periods", args.gw_id, pending, periods_data)
+
+    @command("set_periods", args=SetPeriodsArgs)
+    def set_periods(self, args: SetPeriodsArgs) -> defer.Deferred:
+        """Write the reporting periods (minutes) and heating season (MM-DD) (msg 12)."""
+        try:
+            payload = hygw.build_set_periods(
+                args.gw_id,
+                main_interval=args.main_interval,
+                copy_interval=args.copy_interval,
+                heating_start=args.heating_start,
+                heating_end=args.heating_end,
+            )
+        except HygwError as exc:
+            raise BadArguments(exc.message) from None
+        pending = self._send("set_periods", args.gw_id, MSG_SET_PERIODS, payload)
+        return self._finish("set_periods", args.gw_id, pending, _stat_only)
+
+    @command("read_now", args=ReadNowArgs)
+    def read_now(self, args: ReadNowArgs) -> defer.Deferred:
+        """Read meters now (msg 18): main (building valves), copy (household), upload."""
+        payload = hygw.build_read_now(
+            args.gw_id, main=args.main, copy=args.copy_meters, up=args.upload
+        )
+        pending = self._send("read_now", args.gw_id, MSG_READ_NOW, payload)
+        return self._finish("read_now", args.gw_id, pending, _stat_only)
+
+    @command("reboot", args=GatewayArgs)
+    def reboot(self, args: GatewayArgs) -> defer.Deferred:
+        """Reboot the gateway (msg 30); it drops off (last will) and reports again."""
+        payload = hygw.build_reboot(args.gw_id)
+        pending = self._send("reboot", args.gw_id, MSG_REBOOT, payload)
+        return self._finish("reboot", args.gw_id, pending, _stat_only)
+
+    @command("transparent", args=TransparentArgs)
+    def transparent(self, args: TransparentArgs) -> defer.Deferred:
+        """Pass a raw frame to a meter bus port (msg 40) and return the meter's reply frames."""
+        count = args.count or self.config.transparent_count
+        try:
+            payload = hygw.build_transparent(args.gw_id, args.frame, port=args.port, count=count)
+        except HygwError as exc:
+            raise BadArguments(exc.message) from None
+        pending = self._send(
+            "transparent", args.gw_id, MSG_TRANSPARENT, payload, wait_reply=args.wait_reply
+        )
+        decimals = self.config.bcd_decimals
+
+        def result(message: hygw.Message) -> dict[str, Any]:
+            stat = pending.stat or (message.stat.to_dict() if message.stat else None)
+            return {
+                "gw_id": args.gw_id,
+                "port": args.port,
+                "frame_sent": args.frame,
+                "stat": stat,
+                "frames": [_frame_summary(f, decimals) for f in message.frames],
+            }
+
+        return self._finish("transparent", args.gw_id, pending, result)
+
+    @command("set_valve", args=SetValveArgs)
+    def set_valve(self, args: SetValveArgs) -> defer.Deferred:
+        """Set a valve's opening (55H building or 53H household valve) through msg 40.
+
+        Builds the vendor frame for the meter type, waits for the gateway's stat and for the
+        meter's reply, and reports whether the valve confirmed.
+        """
+        meter_id = args.meter_id.upper()
+        parsed = hygw.parse_meter_id(meter_id)
+        known = self.registry.find_meter(meter_id)
+        meter_type = known.meter_type if known and known.meter_type else parsed.meter_type
+        if meter_type not in (cjt188.METER_BUILDING_VALVE, cjt188.METER_HOUSEHOLD_VALVE):
+            raise BadArguments(
+                f"meter_id: {meter_id} is not a known valve (meter protocol {parsed.protocol}: "
+                "2034 building valve 55H, 2008 household valve 53H)"
+            )
+        address = (
+            (args.address or "").upper()
+            or (known.address if known else None)
+            or parsed.number + self.config.manufacturer_code.upper()
+        )
+        try:
+            frame = cjt188.build_valve_opening(meter_type, address, args.opening)
+        except Cjt188Error as exc:
+            raise BadArguments(f"opening: {exc.message}") from None
+        try:
+            payload = hygw.build_transparent(
+                args.gw_id, frame, port=parsed.port, count=self.config.transparent_count
+            )
+        except HygwError as exc:
+            raise BadArguments(f"meter_id: {exc.message}") from None
+        request = cjt188.parse_frame(frame)
+        pending = self._send("set_valve", args.gw_id, MSG_TRANSPARENT, payload, wait_reply=True)
+
+        def result(message: hygw.Message) -> dict[str, Any]:
+            return self._valve_result(args, meter_id, request, frame, pending, message)
+
+        return self._finish("set_valve", args.gw_id, pending, result)
+
+    def _valve_result(
+        self,
+        args: SetValveArgs,
+        meter_id: str,
+        request: cjt188.Frame,
+        frame: bytes,
+        pending: PendingCommand,
+        message: hygw.Message,
+    ) -> dict[str, Any]:
+        """The set_valve result from the meter's reply; 502 when it refused or was garbled."""
+        problems = []
+        for hex_frame in message.frames:
+            try:
+                reply = cjt188.parse_hex(hex_frame)
+            except Cjt188Error as exc:
+                self._emit_invalid(
+                    meter_id,
+                    exc.reason,
+                    exc.message,
+                    hex_frame,
+                    gateway=args.gw_id,
+                    meter_id=meter_id,
+                )
+                problems.append(f"{hex_frame}: {exc.reason}")
+                continue
+            if not cjt188.is_reply_to(request, reply):
+                problems.append(f"{hex_frame}: not a reply to the command")
+                continue
+            outcome = cjt188.decode_valve_reply(reply)
+            state = outcome["state"]
+            if state in ("failed", "error_reply", "not_a_valve_reply"):
+                raise DeviceRefused(f"valve {meter_id} answered {state} ({hex_frame})", code=state)
+            echoed = outcome["opening_percent"]
+            return {
+                "gw_id": args.gw_id,
+                "meter_id": meter_id,
+                "meter_type": f"{request.meter_type:02X}",
+                "address": request.address,
+                "opening_requested": args.opening,
+                "frame_sent": frame.hex().upper(),
+                "stat": pending.stat,
+                "reply_frame": hex_frame,
+                "state": state,
+                "confirmed": state == "done" and (echoed is None or echoed == args.opening),
+                "opening_percent": echoed,
+            }
+        code = "no_reply_frame" if not problems else "invalid_reply"
+        detail = "; ".join(problems) or "the gateway's msg 40 reply carries no meter frame"
+        raise DeviceRefused(f"valve {meter_id}: {detail}", code=code)
+
+
+def _text(payload: bytes) -> str:
+    return payload.decode("utf-8", "replace")

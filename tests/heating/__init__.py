@@ -1,0 +1,1 @@
+"""Tests of the heating plugin, its MQTT client and simulator."""
