@@ -40,9 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from gatewayd.events import encode_json
 
 __all__ = ["DROP_REASONS", "DurableQueue", "QueueClosed", "QueueError", "QueueStore", "Refused"]
 
@@ -61,6 +64,17 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
+
+#: A batch of payloads as one JSON array, inserted in array order by a single statement.
+_INSERT_BATCH = (
+    "INSERT INTO queue (ts, size, payload)"
+    " SELECT ?1, length(CAST(value AS BLOB)), value FROM json_each(?2) ORDER BY key"
+)
+#: Up to ``limit`` entries after ``seq`` as one JSON array of ``[seq, payload]``.
+_READ_BATCH = (
+    "SELECT coalesce(json_group_array(json_array(seq, payload)), '[]') FROM"
+    " (SELECT seq, payload FROM queue WHERE seq > ? ORDER BY seq LIMIT ?)"
+)
 
 _log = Logger(namespace="gatewayd.queue")
 
@@ -417,7 +431,9 @@ class DurableQueue:
             drops["overflow_newest"] = len(refused)
         if not rows:
             return
-        conn.executemany("INSERT INTO queue (ts, size, payload) VALUES (?, ?, ?)", rows)
+        # One statement for the whole batch: executemany would step (and give up and take back
+        # the GIL) once per row, and a busy reactor thread starves such a thread for a long time.
+        conn.execute(_INSERT_BATCH, (now, encode_json([payload for _, _, payload in rows])))
         if self.depth == 0:
             self.oldest_ts = now
         self.depth += len(rows)
@@ -458,9 +474,9 @@ class DurableQueue:
         return count
 
     def _read(self, conn: sqlite3.Connection, limit: int, after: int) -> list[tuple[int, str]]:
-        rows = conn.execute(
-            "SELECT seq, payload FROM queue WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-        ).fetchall()
+        # The batch comes back as one JSON row (see _insert on why not one step per row).
+        (text,) = conn.execute(_READ_BATCH, (after, limit)).fetchone()
+        rows = sorted((seq, payload) for seq, payload in orjson.loads(text))
         if rows and rows[-1][0] > self._handed:
             self._handed = rows[-1][0]
             conn.execute(
@@ -469,12 +485,15 @@ class DurableQueue:
         return rows
 
     def _ack(self, conn: sqlite3.Connection, upto: int) -> int:
-        sizes = conn.execute("DELETE FROM queue WHERE seq <= ? RETURNING size", (upto,)).fetchall()
-        if sizes:
-            self.depth -= len(sizes)
-            self.bytes -= sum(size for (size,) in sizes)
+        count, size = conn.execute(
+            "SELECT count(*), total(size) FROM queue WHERE seq <= ?", (upto,)
+        ).fetchone()
+        if count:
+            conn.execute("DELETE FROM queue WHERE seq <= ?", (upto,))
+            self.depth -= count
+            self.bytes -= int(size)
             self.oldest_ts = self._first_ts(conn) if self.depth else None
-        return len(sizes)
+        return count
 
     def _expire(self, now: float, fire: list) -> None:
         """Drop entries older than ``max_age`` (not the batch in flight); at most once a second."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -340,17 +342,22 @@ CHILD = textwrap.dedent(
     store.start()
     queue = store.queue("q", max_bytes=1 << 40, max_age=1e9, overflow="drop_oldest")
     count = 0
+    unconfirmed = 0
 
     def confirmed(_, n):
+        global unconfirmed
+        unconfirmed -= 1
         sys.stdout.write(f"{n}\\n")
         sys.stdout.flush()
 
     def burst():
-        global count
-        for _ in range(200):
+        # Like devices waiting for their acks: at most 2000 puts unconfirmed at a time.
+        global count, unconfirmed
+        for _ in range(min(200, 2000 - unconfirmed)):
             queue.put(f"event {count}").addCallback(confirmed, count)
             count += 1
-        reactor.callLater(0, burst)
+            unconfirmed += 1
+        reactor.callLater(0.001, burst)
 
     reactor.callWhenRunning(burst)
     reactor.run()
@@ -369,11 +376,16 @@ def test_kill_9_loses_no_confirmed_put(tmp_path: Path, sync: str) -> None:
         text=True,
     )
     confirmed = []
+    lines: queue_module.SimpleQueue = queue_module.SimpleQueue()
+    assert child.stdout is not None
+    threading.Thread(target=lambda: [lines.put(x) for x in child.stdout], daemon=True).start()
+    deadline = time.monotonic() + 60
     try:
-        assert child.stdout is not None
         while len(confirmed) < 3000:
-            line = child.stdout.readline()
-            assert line, "the child ended early"
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_module.Empty:
+                raise AssertionError(f"only {len(confirmed)} puts confirmed in 60 s") from None
             confirmed.append(int(line))
     finally:
         child.send_signal(signal.SIGKILL)
