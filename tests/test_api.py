@@ -42,6 +42,8 @@ from gatewayd.plugin import (
     command,
 )
 from gatewayd.schema import ConfigModel
+from gatewayd.testing import DaemonView as FakeDaemon
+from gatewayd.testing import PipelineCounters as FakePipeline
 
 TOKEN = "s3cret-token-value"
 LAST_SEEN = 1716894111.123456  # 2024-05-28T11:01:51.123456+00:00
@@ -148,24 +150,6 @@ class FakeSinkRunner:
     queue: FakeQueue = field(default_factory=FakeQueue)
 
 
-@dataclass
-class FakePipeline:
-    routed: int = 0
-    unrouted: int = 0
-    dropped: int = 0
-
-
-@dataclass
-class FakeDaemon:
-    reactor: Any
-    gateway_id: str = "edge-01"
-    plugins: dict[str, FakePluginHost] = field(default_factory=dict)
-    sinks: dict[str, FakeSinkRunner] = field(default_factory=dict)
-    pipeline: FakePipeline = field(default_factory=FakePipeline)
-    reactor_lag: float = 0.0
-    api_token: str | None = None
-
-
 def cabinet_host(
     name: str, reactor: Any, state_dir: Path, state: str = "running"
 ) -> FakePluginHost:
@@ -184,7 +168,7 @@ def cabinet_host(
 
 def make_daemon(reactor: Any, state_dir: Path, token: str | None = None) -> FakeDaemon:
     """One running cabinet plugin ``cabinets`` and one healthy sink ``store``."""
-    daemon = FakeDaemon(reactor=reactor, api_token=token)
+    daemon = FakeDaemon(reactor=reactor, gateway_id="edge-01", api_token=token)
     daemon.plugins["cabinets"] = cabinet_host("cabinets", reactor, state_dir)
     daemon.sinks["store"] = FakeSinkRunner()
     return daemon
@@ -747,7 +731,7 @@ def test_metrics_parse_with_the_right_values(tmp_path, serve):
 
 def test_metrics_without_daemon_activity_are_still_valid(tmp_path):
     clock = task.Clock()
-    daemon = FakeDaemon(reactor=clock)
+    daemon = FakeDaemon(reactor=clock, gateway_id="edge-01")
     daemon.pipeline = None  # before the daemon started its pipeline
     site = build_site(daemon, ApiSection())
     text = site.resource.api.metrics.render().decode()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import LineOnlyReceiver
 
 from gatewayd.events import Event
@@ -28,7 +29,11 @@ from gatewayd.plugin import Plugin, PluginContext
 from gatewayd.plugin import describe_validation_error as _describe
 
 __all__ = [
+    "ApiServer",
+    "DaemonView",
     "EventCollector",
+    "HostView",
+    "PipelineCounters",
     "LineClient",
     "connect_line_client",
     "Mosquitto",
@@ -227,6 +232,110 @@ def connect_line_client(
 
     endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=5)
     return endpoint.connect(Factory.forProtocol(build))
+
+
+@dataclass
+class HostView:
+    """One plugin instance as the control API sees it (the daemon's PluginHost, minus lifecycle)."""
+
+    name: str
+    type_name: str
+    plugin: Any
+    context: Any
+    state: str = "running"
+    error: str | None = None
+
+
+@dataclass
+class PipelineCounters:
+    routed: int = 0
+    unrouted: int = 0
+    dropped: int = 0
+
+
+@dataclass
+class DaemonView:
+    """The view of the daemon the control API and /metrics read (see gatewayd.api)."""
+
+    reactor: Any
+    gateway_id: str = "test-gw"
+    plugins: dict[str, Any] = field(default_factory=dict)
+    sinks: dict[str, Any] = field(default_factory=dict)
+    pipeline: PipelineCounters = field(default_factory=PipelineCounters)
+    reactor_lag: float = 0.0
+    api_token: str | None = None
+
+
+class _Body(Protocol):
+    """Collects a response body (readBody warns about the proxied transport)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(b"".join(self.chunks))
+
+
+class ApiServer:
+    """The real control API (``gatewayd.api.build_site``) on 127.0.0.1, around a DaemonView.
+
+    ``ApiServer.for_harness(harness, "name")`` serves one harnessed plugin, so a plugin's
+    commands can be tested over HTTP exactly as operators call them.
+    """
+
+    def __init__(self, daemon: DaemonView, reactor: Any = None, command_timeout: float = 30.0):
+        from twisted.web.client import Agent
+
+        from gatewayd.api import build_site
+        from gatewayd.config_model import ApiSection
+
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor, self.daemon = reactor, daemon
+        config = ApiSection(listen="127.0.0.1:0", command_timeout=command_timeout)
+        self.port = reactor.listenTCP(0, build_site(daemon, config), interface="127.0.0.1")
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.agent = Agent(reactor)
+
+    @classmethod
+    def for_harness(
+        cls, harness: PluginHarness, name: str, reactor: Any = None, command_timeout: float = 30.0
+    ) -> ApiServer:
+        daemon = DaemonView(reactor or harness.context.reactor)
+        type_name = harness.config.type
+        daemon.plugins[name] = HostView(name, type_name, harness.plugin, harness.context)
+        return cls(daemon, reactor, command_timeout)
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """``(status, decoded JSON)``; ``/metrics`` comes back as text."""
+        import io
+        import json
+
+        from twisted.web.client import FileBodyProducer
+        from twisted.web.http_headers import Headers
+
+        producer = None
+        if body is not None:
+            producer = FileBodyProducer(io.BytesIO(json.dumps(body).encode()))
+        headers = Headers({b"content-type": [b"application/json"]})
+        if self.daemon.api_token:
+            headers.addRawHeader(b"authorization", f"Bearer {self.daemon.api_token}".encode())
+        response = await self.agent.request(
+            method.encode(), (self.base + path).encode(), headers, producer
+        )
+        collector = _Body()
+        response.deliverBody(collector)
+        content = await collector.done
+        if path == "/metrics":
+            return response.code, content.decode()
+        return response.code, json.loads(content)
+
+    def close(self) -> defer.Deferred:
+        return defer.maybeDeferred(self.port.stopListening)
 
 
 class Mosquitto:

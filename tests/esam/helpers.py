@@ -3,21 +3,15 @@ control API site around a plugin instance, and a small HTTP client for it."""
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gatewayd.plugins.esam.keys import EsamKeys, load_key_file
 from gatewayd.plugins.esam.meter import SoftMeter
 from gatewayd.plugins.esam.simulator import demo_key_copy
-from twisted.internet import defer, protocol
-from twisted.web.client import Agent, FileBodyProducer
-from twisted.web.http_headers import Headers
 
-from gatewayd.api import build_site
-from gatewayd.config_model import ApiSection
+from gatewayd import testing
 from gatewayd.testing import PluginHarness
 
 METER_NO = "000000000001"
@@ -163,83 +157,15 @@ def calls() -> dict[str, dict[str, Any]]:
 # --- a real control API around one plugin instance ----------------------------------------------
 
 
-@dataclass
-class FakeHost:
-    name: str
-    type_name: str
-    plugin: Any
-    context: Any
-    state: str = "running"
-    error: str | None = None
-
-
-@dataclass
-class FakePipeline:
-    routed: int = 0
-    unrouted: int = 0
-    dropped: int = 0
-
-
-@dataclass
-class FakeDaemon:
-    """The view of the daemon the control API reads (see gatewayd.api)."""
-
-    reactor: Any
-    gateway_id: str = "test-gw"
-    plugins: dict[str, FakeHost] = field(default_factory=dict)
-    sinks: dict[str, Any] = field(default_factory=dict)
-    pipeline: FakePipeline = field(default_factory=FakePipeline)
-    reactor_lag: float = 0.0
-    api_token: str | None = None
-
-
-class _Body(protocol.Protocol):
-    """Collects a response body (readBody warns about the proxied transport)."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.done: defer.Deferred = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.done.callback(b"".join(self.chunks))
-
-
-class ApiServer:
-    """``build_site`` listening on 127.0.0.1 with the harness's plugin as ``esam``."""
+class ApiServer(testing.ApiServer):
+    """The real control API with the harness's plugin as ``esam``."""
 
     def __init__(self, harness: PluginHarness, reactor: Any, command_timeout: float = 30.0):
-        self.reactor = reactor
-        self.daemon = FakeDaemon(reactor)
-        self.daemon.plugins["esam"] = FakeHost("esam", "esam", harness.plugin, harness.context)
-        config = ApiSection(listen="127.0.0.1:0", command_timeout=command_timeout)
-        self.port = reactor.listenTCP(0, build_site(self.daemon, config), interface="127.0.0.1")
-        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
-        self.agent = Agent(reactor)
-
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        producer = None
-        if body is not None:
-            from io import BytesIO
-
-            producer = FileBodyProducer(BytesIO(json.dumps(body).encode()))
-        response = await self.agent.request(
-            method.encode(),
-            (self.base + path).encode(),
-            Headers({b"content-type": [b"application/json"]}),
-            producer,
-        )
-        collector = _Body()
-        response.deliverBody(collector)
-        content = await collector.done
-        if path == "/metrics":
-            return response.code, content.decode()
-        return response.code, json.loads(content)
+        view = testing.DaemonView(reactor)
+        view.plugins["esam"] = testing.HostView("esam", "esam", harness.plugin, harness.context)
+        super().__init__(view, reactor, command_timeout)
 
     async def command(self, name: str, arguments: dict[str, Any]) -> tuple[int, Any]:
         return await self.request("POST", f"/api/v1/plugins/esam/commands/{name}", arguments)
 
-    def stop(self) -> defer.Deferred:
-        return defer.maybeDeferred(self.port.stopListening)
+    stop = testing.ApiServer.close
