@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gatewayd import __version__
+from gatewayd import __version__, client
 from gatewayd.registry import PLUGIN_GROUP, load_all
 
 DEFAULT_CONFIG = "/etc/gatewayd/gatewayd.yaml"
@@ -66,13 +66,7 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
     decode.set_defaults(func=cmd_decode, decoders=decoders)
 
     command = sub.add_parser("command", help="call a plugin command through the control API")
-    command.add_argument("-c", "--config", default=None, help="read api.listen/token_file from it")
-    command.add_argument("--api", default=None, help="HOST:PORT of the control API")
-    command.add_argument("--token-file", default=None)
-    command.add_argument("--timeout", type=float, default=70.0)
-    command.add_argument("plugin")
-    command.add_argument("command")
-    command.add_argument("arguments", nargs="*", help="key=string or key:=JSON")
+    client.add_arguments(command)
     command.set_defaults(func=cmd_command)
 
     for plugin_class in plugins.values():
@@ -147,9 +141,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_command(args: argparse.Namespace) -> int:
-    from gatewayd.client import command_main
-
-    return command_main(args)
+    return client.command_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
