@@ -121,10 +121,7 @@ class PluginHost:
         if self.plugin is None:
             return
         plugin, self.plugin = self.plugin, None
-        try:
-            d = defer.maybeDeferred(plugin.stop)
-        except Exception:  # maybeDeferred catches; this is belt and braces
-            return
+        d = defer.maybeDeferred(plugin.stop)
         d.addErrback(lambda f: log.failure("stop after failed start", f, plugin=self.name))
 
     def stop(self) -> defer.Deferred:

@@ -7,7 +7,6 @@ Everything a plugin emitted before it stopped is durable before the process exit
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +68,6 @@ class Daemon:
         self.plugins: dict[str, PluginHost] = {}
         self.pipeline: Pipeline | None = None
         self.api_port: Any = None
-        self.started_at = time.time()
         self._lag = ReactorLagMeter(reactor)
         self._watchdog: task.LoopingCall | None = None
         self._stopping: defer.Deferred | None = None
