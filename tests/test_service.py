@@ -84,8 +84,15 @@ class Device:
 
 
 def sink_devices(db: Path) -> list[str]:
+    """Devices of the readings in the sqlite sink; none while the sink has not made its table."""
     with sqlite3.connect(db) as conn:
-        return [row[0] for row in conn.execute("SELECT device FROM events WHERE type='reading'")]
+        try:
+            rows = conn.execute("SELECT device FROM events WHERE type='reading'").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return []
+        return [row[0] for row in rows]
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> bool:
