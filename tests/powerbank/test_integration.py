@@ -255,13 +255,15 @@ def post(api_port: int, command: str, arguments: dict) -> tuple[int, dict]:
 
 
 def rows(db: Path) -> list[tuple[str, str | None, dict]]:
+    """The sqlite sink's rows; none while the sink has not created its table yet."""
     with sqlite3.connect(db) as conn:
-        return [
-            (type_, device, json.loads(data))
-            for type_, device, data in conn.execute(
-                "SELECT type, device, data FROM events ORDER BY id"
-            )
-        ]
+        try:
+            found = conn.execute("SELECT type, device, data FROM events ORDER BY id").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return []
+    return [(type_, device, json.loads(data)) for type_, device, data in found]
 
 
 def wait_for(predicate, timeout: float = 20.0) -> bool:
