@@ -169,7 +169,9 @@ def test_simulated_reconnects_without_close_are_replaced():
 # --- the daemon as a process -------------------------------------------------------------------
 
 
-def write_config(tmp_path: Path, device_port: int, api_port: int) -> Path:
+def write_config(
+    tmp_path: Path, device_port: int, api_port: int, rate_limit: str = "{rate: 20, burst: 40}"
+) -> Path:
     config = tmp_path / "gatewayd.yaml"
     config.write_text(
         f"""\
@@ -182,6 +184,7 @@ plugins:
     lend_timeout: 1s
     query_timeout: 1s
     banks: ["B1", "B2", "B3"]
+    rate_limit: {rate_limit}
 sinks:
   store: {{type: sqlite, path: {tmp_path / "events.db"}}}
 routes:
@@ -419,7 +422,9 @@ def test_every_flow_through_the_control_api_into_sqlite(tmp_path):
 @pytest.mark.integration
 def test_kill_9_during_a_lend_loses_nothing_the_cabinet_saw_acknowledged(tmp_path):
     device_port, api_port = free_port(), free_port()
-    config = write_config(tmp_path, device_port, api_port)
+    # Past the first 20 frames the rate limit lets 10 a second through, so the kill below lands
+    # while answers are still coming back however slow the machine is.
+    config = write_config(tmp_path, device_port, api_port, rate_limit="{rate: 10, burst: 20}")
     banks = [f"R{n}" for n in range(40)]
     acknowledged: set[pb.Packet] = set()
     pool = ThreadPoolExecutor(2)
