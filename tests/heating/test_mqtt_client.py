@@ -3,12 +3,14 @@ broker that accepts connections but never delivers."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.logger import globalLogPublisher
 
-from gatewayd.mqtt import CONNECTED, BrokerConfig, MqttClient, Will
+from gatewayd.mqtt import CONNECTED, BrokerConfig, MqttClient, Will, _ReadBuffer
 from gatewayd.testing import Mosquitto, free_port
 
 from .brokers import SilentBrokerFactory, password_broker, tls_broker
@@ -81,6 +83,69 @@ def test_connect_subscribe_publish_receive(mosquitto):
         yield listener.stop()
         yield talker.stop()
     assert listener.state == "stopped"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_burst_arrives_whole_and_in_order_through_the_read_buffer(mosquitto):
+    """Messages queued for a persistent session come in bursts of many packets per recv();
+    each is delivered once, in order, and acknowledged once its handler's Deferred fired."""
+
+    def later():  # "durable" on the next reactor turn
+        d = defer.Deferred()
+        reactor.callLater(0, d.callback, None)
+        return d
+
+    inbox = Inbox(later)
+    session = {"clean_session": False, "probe_interval": 0}
+    listener = client(mosquitto.port, "burst", inbox, [("b/#", 1)], manual_ack=True, **session)
+    talker = client(mosquitto.port, "burst-talker")
+    listener.start()
+    talker.start()
+    try:
+        yield listener.when_subscribed().addTimeout(5, reactor)
+        assert isinstance(listener._client.socket(), _ReadBuffer)
+        yield listener.stop()
+        yield talker.when_connected().addTimeout(5, reactor)
+        payloads = [b"%05d" % n + b"x" * (n % 300) for n in range(900)]  # broker keeps 1000
+        for n, payload in enumerate(payloads):
+            talker.publish(f"b/{n % 7}", payload, qos=1)
+        yield wait_until(lambda: talker.stats.messages_out == 900 and not talker._pending.by_mid)
+        listener = client(mosquitto.port, "burst", inbox, [("b/#", 1)], manual_ack=True, **session)
+        listener.start()
+        yield wait_until(lambda: len(inbox.messages) == 900, timeout=20)
+        assert inbox.payloads() == payloads
+        yield sleep(0.3)
+    finally:
+        yield listener.stop()
+    # Acknowledged, so a new connection of the same session gets nothing again.
+    again = Inbox()
+    listener = client(mosquitto.port, "burst", again, [("b/#", 1)], manual_ack=True, **session)
+    listener.start()
+    try:
+        yield listener.when_subscribed().addTimeout(5, reactor)
+        yield sleep(0.5)
+        assert again.messages == []
+    finally:
+        yield listener.stop()
+        yield talker.stop()
+
+
+def test_read_buffer_serves_small_reads_from_one_recv():
+    left, right = socket.socketpair()
+    try:
+        right.sendall(b"abcdefgh")
+        buffered = _ReadBuffer(left)
+        assert buffered.recv(1) == b"a" and buffered.pending() == 7
+        assert buffered.recv(3) == b"bcd" and buffered.recv(10) == b"efgh"
+        assert buffered.pending() == 0
+        left.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing buffered, nothing on the socket
+            buffered.recv(1)
+        assert buffered.fileno() == left.fileno()  # everything else is the socket's
+        right.close()
+        assert buffered.recv(1) == b""  # end of stream
+    finally:
+        left.close()
 
 
 @pytest_twisted.inlineCallbacks
