@@ -17,11 +17,14 @@ as hex strings or bytes.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import orjson
 
 from .errors import HygwError
 
@@ -180,6 +183,7 @@ def _check_gw_id_for_topic(gw_id: str) -> None:
         raise HygwError("gw_id", f"{gw_id!r} cannot be used in a topic")
 
 
+@functools.lru_cache(maxsize=4096)  # one entry per gateway topic; errors are not cached
 def topic_gw_id(topic_name: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str]:
     """``(direction, gw_id)`` of ``<prefix>/<get|set>/<gw_id>``; trailing slashes are ignored."""
     stripped = topic_name.rstrip("/")
@@ -230,8 +234,19 @@ def parse_meter_id(text: str) -> MeterId:
     """Split ``27100583203400`` into number 27100583, protocol 2034, port 0; reason ``value``."""
     if not isinstance(text, str) or not _METER_ID_RE.fullmatch(text):
         raise HygwError("value", f"meter_id must be 14 hex digits, got {text!r}")
+    return _meter_id(text)
+
+
+@functools.lru_cache(maxsize=65536)  # one entry per meter: reports repeat the same ids
+def _meter_id(text: str) -> MeterId:
     upper = text.upper()
     return MeterId(upper[:8], upper[8:12], int(upper[12:], 16))
+
+
+@functools.lru_cache(maxsize=65536)
+def _meter_id_dict(text: str) -> dict[str, Any]:
+    """``parse_meter_id(text).to_dict()``, cached: callers copy it before handing it out."""
+    return parse_meter_id(text).to_dict()
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -247,9 +262,8 @@ _HEX_RE = re.compile(r"[0-9A-Fa-f]{8,}")
 _GW_ID_RE = re.compile(r"[0-9A-Za-z]+")
 
 
-@dataclass(frozen=True, eq=False)
-class Message:
-    """One decoded hy/gw message.
+class Message(NamedTuple):
+    """One decoded hy/gw message (immutable; made for every message, hence a NamedTuple).
 
     ``fields`` is the ``data`` object as sent (after the tolerant repairs); ``values`` is the same
     with known keys normalised: ``stat`` -> StatResult dict, ``CSQ`` -> ``{"rssi", "ber"}`` (99 ->
@@ -406,6 +420,11 @@ def _meter_frames(value: Any) -> list[str]:
     """Every hex frame under ``meter_data`` (list, bare string, or a brace-wrapped oddity)."""
     found: list[str] = []
 
+    if type(value) is list:  # the usual case: a list of plain hex strings
+        plain = [v.upper() for v in value if type(v) is str and _HEX_RE.fullmatch(v)]
+        if len(plain) == len(value):
+            return plain
+
     def walk(node: Any, depth: int) -> None:
         if depth > 4:
             return
@@ -441,8 +460,12 @@ def _normalise(msg_id: int, fields: dict[str, Any], quirks: list[str]) -> dict[s
     if "meter_data" in fields:
         values["meter_data"] = _meter_frames(fields["meter_data"])
     if "meter_id" in fields:
+        raw_id = fields["meter_id"]
         try:
-            values["meter_id"] = parse_meter_id(fields["meter_id"]).to_dict()
+            if type(raw_id) is str:
+                values["meter_id"] = dict(_meter_id_dict(raw_id))
+            else:
+                values["meter_id"] = parse_meter_id(raw_id).to_dict()
         except HygwError:
             values["meter_id"] = None
             quirks.append("meter_id_format")
@@ -468,14 +491,38 @@ def _gw_id(gw: Mapping[str, Any], quirks: list[str]) -> str:
     return value
 
 
-def decode_message(
-    payload: bytes | str, topic: str | None = None, prefix: str = DEFAULT_PREFIX
-) -> Message:
-    """Decode one hy/gw message, tolerating the known quirks; raise HygwError(reason) otherwise.
+def _fast_json(payload: Any) -> tuple[Any, str]:
+    """The usual case, valid JSON, parsed by orjson: ``(document, text)``, or ``(None, "")``
+    when orjson refuses it or when its result could differ from the standard library's (orjson
+    reads integers beyond 64 bits as floats; any float sends the message the exact way)."""
+    if type(payload) is not bytes and type(payload) is not str:
+        return None, ""
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None, ""
+    if _has_float(document):
+        return None, ""
+    # orjson accepted it, so it is valid UTF-8.
+    return document, payload if type(payload) is str else payload.decode()
 
-    With ``topic``, the direction is read from it (a trailing ``/`` is accepted and noted) and a
-    gw_id differing from the envelope's is noted as quirk ``topic_gw_id_mismatch``.
-    """
+
+def _has_float(document: Any) -> bool:
+    stack = [document]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is float:
+            return True
+        if kind is dict:
+            stack.extend(node.values())
+        elif kind is list:
+            stack.extend(node)
+    return False
+
+
+def _tolerant_json(payload: Any) -> tuple[Any, str, list[str]]:
+    """``(document, text, quirks)`` with the standard library, repairing the known quirks."""
     if isinstance(payload, bytes | bytearray | memoryview):
         try:
             text = bytes(payload).decode("utf-8")
@@ -486,13 +533,26 @@ def decode_message(
     else:
         raise HygwError("argument", f"payload must be bytes or str, not {payload!r}")
     try:
-        # The usual case: valid JSON. None of the repairs can change valid JSON (each one
-        # rewrites a construct JSON rejects), so they only run when this fails.
-        document = json.loads(text)
-        quirks: list[str] = []
+        # Valid JSON. None of the repairs can change valid JSON (each one rewrites a construct
+        # JSON rejects), so they only run when this fails.
+        return json.loads(text), text, []
     except (ValueError, RecursionError):
         repaired, quirks = _repair(text)
-        document = _load_json(repaired)
+        return _load_json(repaired), text, quirks
+
+
+def decode_message(
+    payload: bytes | str, topic: str | None = None, prefix: str = DEFAULT_PREFIX
+) -> Message:
+    """Decode one hy/gw message, tolerating the known quirks; raise HygwError(reason) otherwise.
+
+    With ``topic``, the direction is read from it (a trailing ``/`` is accepted and noted) and a
+    gw_id differing from the envelope's is noted as quirk ``topic_gw_id_mismatch``.
+    """
+    document, text = _fast_json(payload)
+    quirks: list[str] = []
+    if document is None:
+        document, text, quirks = _tolerant_json(payload)
     if not isinstance(document, dict) or not isinstance(document.get("gw"), dict):
         raise HygwError("envelope", 'expected {"gw":{...},"data":{...}}')
     gw = document["gw"]
