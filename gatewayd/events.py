@@ -8,12 +8,14 @@ pipeline: the queues store it, the sinks write it, consumers de-duplicate by ``i
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from ulid import ULID
 
 #: Field order of the JSON form; sinks and consumers can rely on it.
 FIELDS = ("id", "ts", "gateway", "plugin", "protocol", "device", "type", "data", "raw")
@@ -38,14 +40,74 @@ class EventDecodeError(ValueError):
     """A stored or received text is not a valid event."""
 
 
-def new_id() -> str:
-    """A ULID: 26 characters, unique, and sortable by creation time (monotonic within a ms)."""
-    return str(ULID())
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+#: Every 10-bit value as its two Crockford base32 characters.
+_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
 
 
-def utc_now_iso() -> str:
-    """ISO 8601 UTC with microseconds, as the envelope requires."""
-    return datetime.now(UTC).isoformat(timespec="microseconds")
+class _UlidClock:
+    """Monotonic ULIDs: 48 bits of Unix milliseconds, 80 random bits incremented within a
+    millisecond (the ULID spec's monotonic mode), so ids sort in the order events were made.
+
+    Written here rather than taken from python-ulid because an id is made for every event:
+    this costs ~2 us where ``str(ulid.ULID())`` costs ~10 (the tests check it against
+    python-ulid's parser). The 10 characters of a millisecond are formatted once.
+    """
+
+    _RANDOM_BITS = 80
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._millis = 0
+        self._random = 0
+        self._prefix = ""
+
+    def __call__(self) -> str:
+        millis = time.time_ns() // 1_000_000
+        with self._lock:
+            if millis <= self._millis:  # same millisecond (or the clock stepped back)
+                millis, random = self._millis, self._random + 1
+                if random >> self._RANDOM_BITS:  # 2**80 ids in one millisecond: borrow the next
+                    millis, random = millis + 1, int.from_bytes(os.urandom(10), "big") >> 1
+            else:
+                random = int.from_bytes(os.urandom(10), "big")
+            if millis != self._millis:
+                p = _PAIRS
+                self._prefix = (
+                    p[millis >> 40] + p[millis >> 30 & 1023] + p[millis >> 20 & 1023]
+                    + p[millis >> 10 & 1023] + p[millis & 1023]
+                )  # fmt: skip
+            self._millis, self._random = millis, random
+            prefix = self._prefix
+        p = _PAIRS
+        return (
+            prefix + p[random >> 70] + p[random >> 60 & 1023] + p[random >> 50 & 1023]
+            + p[random >> 40 & 1023] + p[random >> 30 & 1023] + p[random >> 20 & 1023]
+            + p[random >> 10 & 1023] + p[random & 1023]
+        )  # fmt: skip
+
+
+new_id = _UlidClock()
+"""A ULID: 26 characters, unique, and sortable by creation time (monotonic within a ms)."""
+
+
+class _UtcClock:
+    """ISO 8601 UTC with microseconds, as the envelope requires; the date and time up to the
+    second are formatted once per second (``datetime.isoformat`` costs ~4 us an event)."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self) -> str:
+        second, micros = divmod(time.time_ns() // 1000, 1_000_000)
+        if second != self._second:
+            moment = datetime.fromtimestamp(second, UTC)
+            self._prefix, self._second = moment.strftime("%Y-%m-%dT%H:%M:%S"), second
+        return f"{self._prefix}.{micros:06d}+00:00"
+
+
+utc_now_iso = _UtcClock()
 
 
 @dataclass(slots=True)
