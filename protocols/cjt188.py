@@ -469,13 +469,35 @@ def _hex(raw: bytes) -> str:
     return raw.hex().upper()
 
 
-def _bcd_digits(raw: bytes, *, signed: bool = False) -> int | None:
-    """A low-byte-first BCD integer; None when a nibble is not a digit.
+class _Hexed(NamedTuple):
+    """A frame's data in hex both ways, so that every field is two string slices.
+
+    ``hex[2a:2b]`` is the raw hex of data bytes ``a..b``; ``reversed[2(n-b):2(n-a)]`` is the
+    same bytes high byte first, i.e. the digits of a low-byte-first BCD number.
+    """
+
+    data: bytes
+    hex: str
+    reversed: str
+
+    @classmethod
+    def of(cls, data: bytes) -> _Hexed:
+        return cls(data, data.hex().upper(), data[::-1].hex().upper())
+
+    def raw(self, start: int, stop: int) -> str:
+        return self.hex[2 * start : 2 * stop]
+
+    def bcd(self, start: int, stop: int) -> str:
+        size = len(self.data)
+        return self.reversed[2 * (size - stop) : 2 * (size - start)]
+
+
+def _bcd_value(digits: str, *, signed: bool = False) -> int | None:
+    """The integer of BCD ``digits`` (high digit first); None when one is not a decimal digit.
 
     With ``signed``, an F high nibble on the top byte means negative (the seed vendor's rule).
     """
-    digits = raw[::-1].hex()
-    if signed and digits[:1] == "f":
+    if signed and digits[:1] == "F":
         digits = digits[1:]
         return -int(digits) if digits.isdigit() else None
     return int(digits) if digits.isdigit() else None
@@ -487,27 +509,36 @@ def _scaled(number: int, multiplier: int, decimals: int) -> float:
 
 
 _POWERS_OF_TEN = tuple(10**n for n in range(8))
+_UNIT_CODE_HEX = tuple(f"{code:02X}" for code in range(256))
 
 
 def _bcd_quantity(
-    value_raw: bytes,
-    unit_code: int,
-    field_raw: bytes,
+    view: _Hexed,
+    start: int,
+    unit_first: bool,
     decimals: int,
     *,
     signed: bool = False,
     scaling: str | None = None,
 ) -> dict[str, Any]:
-    """A BCD value with its unit byte: value scaled by decimals and the unit's multiplier."""
-    number = _bcd_digits(value_raw, signed=signed)
+    """The 4+1 block at ``start``: 4 BCD bytes and a unit code before or after them, scaled by
+    ``decimals`` and the unit's multiplier."""
+    data = view.data
+    if unit_first:
+        unit_code, value_start = data[start], start + 1
+    else:
+        unit_code, value_start = data[start + 4], start
+    end = 2 * (len(data) - value_start)
+    bcd = view.reversed[end - 8 : end]  # view.bcd(value_start, value_start + 4), inlined
+    number = _bcd_value(bcd, signed=signed)
     unit = UNIT_CODES.get(unit_code)
     field: dict[str, Any] = {
         "value": None
         if number is None or unit is None
         else _scaled(number, unit.multiplier, decimals),
         "unit": None if unit is None else unit.unit,
-        "raw": field_raw.hex().upper(),
-        "bcd": value_raw[::-1].hex().upper(),
+        "raw": view.hex[2 * start : 2 * start + 10],
+        "bcd": bcd,
         "unit_code": _UNIT_CODE_HEX[unit_code],
     }
     if scaling is not None:
@@ -519,25 +550,24 @@ def _bcd_quantity(
     return field
 
 
-_UNIT_CODE_HEX = tuple(f"{code:02X}" for code in range(256))
-
-
-def _bcd_plain(raw: bytes, decimals: int, unit: str | None) -> dict[str, Any]:
-    """A BCD value without a unit byte (temperatures, hours)."""
-    number = _bcd_digits(raw)
+def _bcd_plain(view: _Hexed, start: int, stop: int, decimals: int, unit: str | None) -> dict:
+    """A BCD value without a unit byte (temperatures, hours) in data bytes ``start..stop``."""
+    bcd = view.bcd(start, stop)
+    number = _bcd_value(bcd)
     field: dict[str, Any] = {
         "value": None if number is None else _scaled(number, 1, decimals),
         "unit": unit,
-        "raw": raw.hex().upper(),
-        "bcd": raw[::-1].hex().upper(),
+        "raw": view.raw(start, stop),
+        "bcd": bcd,
     }
     if number is None:
         field["error"] = "bcd"
     return field
 
 
-def _binary(raw: bytes, value: float | int | str | None, unit: str | None) -> dict[str, Any]:
-    return {"value": value, "unit": unit, "raw": _hex(raw)}
+def _binary(raw: bytes | str, value: float | int | str | None, unit: str | None) -> dict:
+    """A binary field: its value, unit and raw hex (given as bytes, or as hex already)."""
+    return {"value": value, "unit": unit, "raw": raw if isinstance(raw, str) else _hex(raw)}
 
 
 def _bcd_clock(raw: bytes) -> dict[str, Any]:
@@ -571,26 +601,20 @@ def _signed_nibble_tenths(value: int) -> float:
     return value / 10
 
 
-def _unit_position(blocks: list[tuple[bytes, tuple[str, ...]]]) -> str:
-    """Where the unit byte sits in the 4+1 blocks: standard after the value, JY-style before it.
+def _unit_first(data: bytes, blocks: tuple[tuple[int, str], ...]) -> bool:
+    """Whether the unit byte comes before the value in the 4+1 blocks (JY style) rather than
+    after it (the standard).
 
-    Each block is (5 bytes, accepted unit groups). The variant whose unit bytes are known codes of
+    ``blocks`` are (offset, expected unit group). The variant whose unit bytes are known codes of
     the expected group more often wins; a tie keeps the standard layout.
     """
     first = last = 0
-    for block, groups in blocks:
-        if _UNIT_GROUPS.get(block[0]) in groups:
+    for start, group in blocks:
+        if _UNIT_GROUPS.get(data[start]) == group:
             first += 1
-        if _UNIT_GROUPS.get(block[4]) in groups:
+        if _UNIT_GROUPS.get(data[start + 4]) == group:
             last += 1
-    return _UNIT_FIRST if first > last else _UNIT_LAST
-
-
-def _split_block(block: bytes, position: str) -> tuple[bytes, int]:
-    """(4 value bytes, unit code) of one 4+1 block."""
-    if position == _UNIT_FIRST:
-        return block[1:], block[0]
-    return block[:4], block[4]
+    return first > last
 
 
 Spans = tuple[tuple[str, int, int], ...]
@@ -601,9 +625,9 @@ def _spans(*inclusive: tuple[int, int]) -> Spans:
     return tuple((f"d{a}_{b}", a, b + 1) for a, b in inclusive)
 
 
-def _unparsed(data: bytes, spans: Spans) -> dict[str, str]:
+def _unparsed(view: _Hexed, spans: Spans) -> dict[str, str]:
     """Raw hex of the data spans no decoder explains, keyed ``dA_B``."""
-    return {key: data[start:stop].hex().upper() for key, start, stop in spans}
+    return {key: view.raw(start, stop) for key, start, stop in spans}
 
 
 def _result(
@@ -630,56 +654,60 @@ _WATER_901F_SIZE = 19
 _BUILDING_VALVE_901F_SIZE = 56
 _HOUSEHOLD_VALVE_901F_SIZE = 42
 
+# (name, offset of the 4+1 block, decimals, unit group) of the heat and water meter layouts.
+_HEAT_BLOCKS = (
+    ("settlement_heat", 0, 2, "energy"),
+    ("heat_total", 5, 2, "energy"),
+    ("heat_power", 10, 2, "power"),
+    ("flow_rate", 15, 4, "flow"),
+    ("volume_total", 20, 2, "volume"),
+)
+_WATER_BLOCKS = (("volume_total", 0, 2, "volume"), ("settlement_volume", 5, 2, "volume"))
+_HEAT_METER_NOTE = "settlement_heat: many vendors put cumulative cold energy here"
+
 
 def _decode_heat_meter(data: bytes) -> dict[str, Any]:
     """Standard heat meter 901F, CJ/T 188-2004 layout (reference §4.7)."""
-    energy, power, flow, volume = ("energy",), ("power",), ("flow",), ("volume",)
-    blocks = [(data[0:5], energy), (data[5:10], energy), (data[10:15], power)]
-    blocks += [(data[15:20], flow), (data[20:25], volume)]
-    position = _unit_position(blocks)
-    names_decimals = [
-        ("settlement_heat", 2),
-        ("heat_total", 2),
-        ("heat_power", 2),
-        ("flow_rate", 4),
-        ("volume_total", 2),
-    ]
-    fields: dict[str, Any] = {}
-    for (block, _groups), (name, decimals) in zip(blocks, names_decimals, strict=True):
-        value_raw, unit_code = _split_block(block, position)
-        fields[name] = _bcd_quantity(value_raw, unit_code, block, decimals)
-    fields["supply_temperature"] = _bcd_plain(data[25:28], 2, "°C")
-    fields["return_temperature"] = _bcd_plain(data[28:31], 2, "°C")
-    fields["working_hours"] = _bcd_plain(data[31:34], 0, "h")
+    view = _Hexed.of(data)
+    unit_first = _unit_first(data, tuple((at, group) for _, at, _, group in _HEAT_BLOCKS))
+    fields: dict[str, Any] = {
+        name: _bcd_quantity(view, at, unit_first, decimals)
+        for name, at, decimals, _ in _HEAT_BLOCKS
+    }
+    fields["supply_temperature"] = _bcd_plain(view, 25, 28, 2, "°C")
+    fields["return_temperature"] = _bcd_plain(view, 28, 31, 2, "°C")
+    fields["working_hours"] = _bcd_plain(view, 31, 34, 0, "h")
     fields["meter_clock"] = _bcd_clock(data[34:41])
-    fields["status"] = _binary(data[41:43], int.from_bytes(data[41:43], "little"), None)
+    fields["status"] = _binary(view.raw(41, 43), int.from_bytes(data[41:43], "little"), None)
     return _result(
         "heat_meter",
         fields,
         _status_bits(data[41]),
-        unit_position=position,
-        note="settlement_heat: many vendors put cumulative cold energy here",
+        unit_position=_UNIT_FIRST if unit_first else _UNIT_LAST,
+        note=_HEAT_METER_NOTE,
     )
 
 
 def _decode_water_meter(data: bytes, decoder: str) -> dict[str, Any]:
     """Standard water/gas meter 901F (reference §4.8)."""
-    volume = ("volume",)
-    blocks = [(data[0:5], volume), (data[5:10], volume)]
-    position = _unit_position(blocks)
-    fields: dict[str, Any] = {}
-    for (block, _groups), name in zip(blocks, ("volume_total", "settlement_volume"), strict=True):
-        value_raw, unit_code = _split_block(block, position)
-        fields[name] = _bcd_quantity(value_raw, unit_code, block, 2)
+    view = _Hexed.of(data)
+    unit_first = _unit_first(data, tuple((at, group) for _, at, _, group in _WATER_BLOCKS))
+    fields: dict[str, Any] = {
+        name: _bcd_quantity(view, at, unit_first, decimals)
+        for name, at, decimals, _ in _WATER_BLOCKS
+    }
     fields["meter_clock"] = _bcd_clock(data[10:17])
-    fields["status"] = _binary(data[17:19], int.from_bytes(data[17:19], "little"), None)
+    fields["status"] = _binary(view.raw(17, 19), int.from_bytes(data[17:19], "little"), None)
+    position = _UNIT_FIRST if unit_first else _UNIT_LAST
     return _result(decoder, fields, _status_bits(data[17]), unit_position=position)
+
+
+_VALVE_STATES = {0b00: "open", 0b01: "closed", 0b11: "abnormal"}
 
 
 def _status_bits(st1: int) -> dict[str, Any]:
     """ST byte 1 per the common reading (valve D0-D1, battery D2); vendors differ (§4.10)."""
-    valve = {0b00: "open", 0b01: "closed", 0b11: "abnormal"}.get(st1 & 0x03, "unknown")
-    return {"valve_state": valve, "battery_low": bool(st1 & 0x04)}
+    return {"valve_state": _VALVE_STATES.get(st1 & 0x03, "unknown"), "battery_low": bool(st1 & 4)}
 
 
 _BUILDING_VALVE_UNPARSED = _spans((21, 25), (26, 30), (31, 34), (39, 55))
@@ -688,43 +716,46 @@ _HOUSEHOLD_VALVE_UNPARSED = _spans((0, 4), (9, 9), (11, 18), (23, 31), (33, 33))
 
 def _decode_building_valve(data: bytes, bcd_decimals: int) -> dict[str, Any]:
     """Vendor type 55H building valve 901F, 56 data bytes (reference §5.1)."""
-    scaling = "standard" if bcd_decimals == BCD_DECIMALS_STANDARD else "vendor_integer"
-    flow_decimals = 4 if bcd_decimals == BCD_DECIMALS_STANDARD else 0
+    view = _Hexed.of(data)
+    standard = bcd_decimals == BCD_DECIMALS_STANDARD
+    scaling = "standard" if standard else "vendor_integer"
     fields = {
-        "heat_total": _bcd_quantity(data[0:4], data[4], data[0:5], bcd_decimals, scaling=scaling),
+        "heat_total": _bcd_quantity(view, 0, False, bcd_decimals, scaling=scaling),
         "flow_rate": _bcd_quantity(
-            data[5:9], data[9], data[5:10], flow_decimals, signed=True, scaling=scaling
+            view, 5, False, 4 if standard else 0, signed=True, scaling=scaling
         ),
-        "volume_total": _bcd_quantity(
-            data[10:14], data[14], data[10:15], bcd_decimals, scaling=scaling
+        "volume_total": _bcd_quantity(view, 10, False, bcd_decimals, scaling=scaling),
+        "supply_temperature": _bcd_plain(view, 15, 18, 2, "°C"),
+        "return_temperature": _bcd_plain(view, 18, 21, 2, "°C"),
+        "valve_opening": _binary(view.raw(35, 37), int.from_bytes(data[35:37], "little") / 10, "%"),
+        "valve_setpoint": _binary(
+            view.raw(37, 39), int.from_bytes(data[37:39], "little") / 10, "%"
         ),
-        "supply_temperature": _bcd_plain(data[15:18], 2, "°C"),
-        "return_temperature": _bcd_plain(data[18:21], 2, "°C"),
-        "valve_opening": _binary(data[35:37], int.from_bytes(data[35:37], "little") / 10, "%"),
-        "valve_setpoint": _binary(data[37:39], int.from_bytes(data[37:39], "little") / 10, "%"),
     }
-    unparsed = _unparsed(data, _BUILDING_VALVE_UNPARSED)
-    return _result("building_valve_55", fields, {}, unparsed)
+    return _result("building_valve_55", fields, {}, _unparsed(view, _BUILDING_VALVE_UNPARSED))
 
 
 def _decode_household_valve(data: bytes) -> dict[str, Any]:
     """Vendor type 53H household valve 901F, 42 data bytes (reference §5.2)."""
+    view = _Hexed.of(data)
+    raw = view.raw
     fields = {
         "room_temperature": _binary(
-            data[5:7], _signed_nibble_tenths(int.from_bytes(data[5:7], "little")), "°C"
+            raw(5, 7), _signed_nibble_tenths(int.from_bytes(data[5:7], "little")), "°C"
         ),
         "room_setpoint": _binary(
-            data[7:9], _signed_nibble_tenths(int.from_bytes(data[7:9], "little")), "°C"
+            raw(7, 9), _signed_nibble_tenths(int.from_bytes(data[7:9], "little")), "°C"
         ),
-        "valve_opening": _binary(data[10:11], float(data[10]), "%"),
-        "supply_temperature": _binary(data[19:21], int.from_bytes(data[19:21], "big") / 10, "°C"),
-        "return_temperature": _binary(data[21:23], int.from_bytes(data[21:23], "big") / 10, "°C"),
-        "battery_voltage": _binary(data[32:33], data[32] * 2 / 100, "V"),
-        "status": _binary(data[41:42], data[41], None),
+        "valve_opening": _binary(raw(10, 11), float(data[10]), "%"),
+        "supply_temperature": _binary(raw(19, 21), int.from_bytes(data[19:21], "big") / 10, "°C"),
+        "return_temperature": _binary(raw(21, 23), int.from_bytes(data[21:23], "big") / 10, "°C"),
+        "battery_voltage": _binary(raw(32, 33), data[32] * 2 / 100, "V"),
+        "status": _binary(raw(41, 42), data[41], None),
     }
     inferred = {"meter_clock": _bcd_clock(data[34:41])["value"]}
-    unparsed = _unparsed(data, _HOUSEHOLD_VALVE_UNPARSED)
-    return _result("household_valve_53", fields, inferred, unparsed)
+    return _result(
+        "household_valve_53", fields, inferred, _unparsed(view, _HOUSEHOLD_VALVE_UNPARSED)
+    )
 
 
 def _decode_valve_command(frame: Frame) -> dict[str, Any] | None:

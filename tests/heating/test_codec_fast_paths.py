@@ -125,7 +125,7 @@ def test_bcd_scaling_matches_decimal(number, multiplier, decimals, negative):
     if negative:
         raw = raw[:3] + bytes([raw[3] | 0xF0])
         number = -(number % 10**7)
-    digits = cjt188._bcd_digits(raw, signed=negative)
+    digits = cjt188._bcd_value(raw[::-1].hex().upper(), signed=negative)
     assert digits == number
     exact = float(Decimal(number).scaleb(-decimals) * multiplier)
     assert cjt188._scaled(digits, multiplier, decimals) == exact
