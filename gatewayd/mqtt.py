@@ -17,10 +17,12 @@ Why the reactor drives paho's socket rather than paho's own thread (``loop_start
 The only blocking paho calls are ``connect()``/``reconnect()`` (DNS, TCP connect, TLS
 handshake). They run in the reactor's thread pool; the reactor leaves the client alone while one
 runs. When it returns, the socket is registered with ``addReader``/``addWriter``: reads call
-``loop_read()`` while it makes progress (and while a TLS socket has ``pending()`` bytes, which
+``loop_read()`` while it makes progress (and while the socket has ``pending()`` bytes, which
 no fd event would announce), writes call ``loop_write()``, and a timer calls ``loop_misc()``
-for keepalive pings. paho's ``reconnect_on_failure`` is off, so paho never reconnects (and never
-blocks) on the reactor thread by itself.
+for keepalive pings. paho's socket is wrapped in a ``_ReadBuffer`` so that its one-byte reads
+come from one large ``recv``, and the messages of a read burst are delivered to the handler
+after paho has parsed the burst. paho's ``reconnect_on_failure`` is off, so paho never
+reconnects (and never blocks) on the reactor thread by itself.
 
 Silent broker detection: every ``probe_interval`` without any inbound message the client
 publishes a probe to its own ``probe_topic`` (which it subscribes to). If nothing at all arrives
