@@ -96,15 +96,15 @@ class _UtcClock:
     second are formatted once per second (``datetime.isoformat`` costs ~4 us an event)."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        self._cached = (-1, "")  # (second, its text): one attribute, so threads never mix them
 
     def __call__(self) -> str:
         second, micros = divmod(time.time_ns() // 1000, 1_000_000)
-        if second != self._second:
-            moment = datetime.fromtimestamp(second, UTC)
-            self._prefix, self._second = moment.strftime("%Y-%m-%dT%H:%M:%S"), second
-        return f"{self._prefix}.{micros:06d}+00:00"
+        cached_second, prefix = self._cached
+        if second != cached_second:
+            prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, prefix)
+        return f"{prefix}.{micros:06d}+00:00"
 
 
 utc_now_iso = _UtcClock()
