@@ -160,8 +160,8 @@ FRAME = Struct(
 """One CJ/T 188 frame without preambles: parse and build (``build_frame`` fills it in)."""
 
 #: The same declaration's fixed header, read with one struct call: ``parse_frame`` uses it once
-#: ``_check_framing`` has verified start, length, end and checksum (FRAME.parse is ~20x slower).
-#: ``tests/protocols/test_cjt188.py`` checks the two readers agree on random frames.
+#: ``_check_framing`` has verified start, length, end and checksum.
+#: ``tests/heating/test_codec_fast_paths.py`` checks the two readers agree on random frames.
 _HEADER = fixed_layout(_SIGNED)  # start, meter_type, address, control, L
 _IDENT_LAYOUT = fixed_layout(_IDENT)  # di, ser
 assert _HEADER.size == HEADER_SIZE and _HEADER.names[-1] == "body"
@@ -267,7 +267,7 @@ def parse_frame(data: bytes) -> Frame:
         if not isinstance(data, bytearray | memoryview):
             raise Cjt188Error("argument", f"expected bytes, got {type(data).__name__}")
         data = bytes(data)
-    body = data.lstrip(_PREAMBLES) if data[:1] == _PREAMBLES else data
+    body = data.lstrip(_PREAMBLES)
     _check_framing(body)
     _start, meter_type, address, control, length = _HEADER.unpack_from(body)
     di: int | None = None
@@ -530,8 +530,7 @@ def _bcd_quantity(
         unit_code, value_start = data[start], start + 1
     else:
         unit_code, value_start = data[start + 4], start
-    end = 2 * (len(data) - value_start)
-    bcd = view.reversed[end - 8 : end]  # view.bcd(value_start, value_start + 4), inlined
+    bcd = view.bcd(value_start, value_start + 4)
     number = _bcd_value(bcd, signed=signed)
     unit = UNIT_CODES.get(unit_code)
     field: dict[str, Any] = {
@@ -539,7 +538,7 @@ def _bcd_quantity(
         if number is None or unit is None
         else _scaled(number, unit.multiplier, decimals),
         "unit": None if unit is None else unit.unit,
-        "raw": view.hex[2 * start : 2 * start + 10],
+        "raw": view.raw(start, start + 5),
         "bcd": bcd,
         "unit_code": _UNIT_CODE_HEX[unit_code],
     }
@@ -603,15 +602,16 @@ def _signed_nibble_tenths(value: int) -> float:
     return value / 10
 
 
-def _unit_first(data: bytes, blocks: tuple[tuple[int, str], ...]) -> bool:
+def _unit_first(data: bytes, blocks: tuple[tuple[str, int, int, str], ...]) -> bool:
     """Whether the unit byte comes before the value in the 4+1 blocks (JY style) rather than
     after it (the standard).
 
-    ``blocks`` are (offset, expected unit group). The variant whose unit bytes are known codes of
-    the expected group more often wins; a tie keeps the standard layout.
+    ``blocks`` are (name, offset, decimals, expected unit group), as ``_HEAT_BLOCKS``. The
+    variant whose unit bytes are known codes of the expected group more often wins; a tie keeps
+    the standard layout.
     """
     first = last = 0
-    for start, group in blocks:
+    for _name, start, _decimals, group in blocks:
         if _UNIT_GROUPS.get(data[start]) == group:
             first += 1
         if _UNIT_GROUPS.get(data[start + 4]) == group:
@@ -671,7 +671,7 @@ _HEAT_METER_NOTE = "settlement_heat: many vendors put cumulative cold energy her
 def _decode_heat_meter(data: bytes) -> dict[str, Any]:
     """Standard heat meter 901F, CJ/T 188-2004 layout (reference §4.7)."""
     view = _Hexed.of(data)
-    unit_first = _unit_first(data, tuple((at, group) for _, at, _, group in _HEAT_BLOCKS))
+    unit_first = _unit_first(data, _HEAT_BLOCKS)
     fields: dict[str, Any] = {
         name: _bcd_quantity(view, at, unit_first, decimals)
         for name, at, decimals, _ in _HEAT_BLOCKS
@@ -693,7 +693,7 @@ def _decode_heat_meter(data: bytes) -> dict[str, Any]:
 def _decode_water_meter(data: bytes, decoder: str) -> dict[str, Any]:
     """Standard water/gas meter 901F (reference §4.8)."""
     view = _Hexed.of(data)
-    unit_first = _unit_first(data, tuple((at, group) for _, at, _, group in _WATER_BLOCKS))
+    unit_first = _unit_first(data, _WATER_BLOCKS)
     fields: dict[str, Any] = {
         name: _bcd_quantity(view, at, unit_first, decimals)
         for name, at, decimals, _ in _WATER_BLOCKS

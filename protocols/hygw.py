@@ -234,16 +234,11 @@ def parse_meter_id(text: str) -> MeterId:
     """Split ``27100583203400`` into number 27100583, protocol 2034, port 0; reason ``value``."""
     if not isinstance(text, str) or not _METER_ID_RE.fullmatch(text):
         raise HygwError("value", f"meter_id must be 14 hex digits, got {text!r}")
-    return _meter_id(text)
-
-
-@functools.lru_cache(maxsize=65536)  # one entry per meter: reports repeat the same ids
-def _meter_id(text: str) -> MeterId:
     upper = text.upper()
     return MeterId(upper[:8], upper[8:12], int(upper[12:], 16))
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=65536)  # one entry per meter: reports repeat the same ids
 def _meter_id_dict(text: str) -> dict[str, Any]:
     """``parse_meter_id(text).to_dict()``, cached: callers copy it before handing it out."""
     return parse_meter_id(text).to_dict()
