@@ -50,7 +50,7 @@ class _UlidClock:
     millisecond (the ULID spec's monotonic mode), so ids sort in the order events were made.
 
     Written here rather than taken from python-ulid because an id is made for every event:
-    this costs ~2 us where ``str(ulid.ULID())`` costs ~10 (the tests check it against
+    this costs ~3 us where ``str(ulid.ULID())`` costs ~10 (the tests check it against
     python-ulid's parser). The 10 characters of a millisecond are formatted once.
     """
 
