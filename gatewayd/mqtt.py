@@ -768,16 +768,15 @@ class MqttClient:
 
     def _read_burst(self, client: paho.Client, descriptor: _SocketDescriptor) -> None:
         """Let paho read packets until the socket has no more, or max_reads_per_wakeup."""
+        pending = descriptor.sock.pending  # paho's socket is always our _ReadBuffer
         for _ in range(self.max_reads_per_wakeup):
             before = self._packets
             rc = client.loop_read()
             if rc != paho.MQTT_ERR_SUCCESS or self._descriptor is not descriptor:
                 return
-            pending = getattr(descriptor.sock, "pending", None)
-            if self._packets == before and not (pending and pending()):
+            if self._packets == before and not pending():
                 return
-        pending = getattr(descriptor.sock, "pending", None)
-        if pending and pending():  # buffered or TLS bytes the fd will not announce again
+        if pending():  # buffered or TLS bytes the fd will not announce again
             self.reactor.callLater(0, self._readable, descriptor)
 
     def _writable(self, descriptor: _SocketDescriptor) -> None:

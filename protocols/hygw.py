@@ -413,12 +413,11 @@ def _month_day(value: Any) -> str | None:
 
 def _meter_frames(value: Any) -> list[str]:
     """Every hex frame under ``meter_data`` (list, bare string, or a brace-wrapped oddity)."""
-    found: list[str] = []
-
     if type(value) is list:  # the usual case: a list of plain hex strings
         plain = [v.upper() for v in value if type(v) is str and _HEX_RE.fullmatch(v)]
         if len(plain) == len(value):
             return plain
+    found: list[str] = []
 
     def walk(node: Any, depth: int) -> None:
         if depth > 4:
