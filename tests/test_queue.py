@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
 from gatewayd.queue import QueueClosed, QueueError, QueueStore, Refused
+from gatewayd.testing import wait_until
 
 BIG = 1 << 40
 
@@ -39,13 +40,6 @@ async def open_queue(store: QueueStore, name: str = "q", **bounds: Any):
     queue = store.queue(name, **limits)
     await queue.when_open()
     return queue
-
-
-async def eventually(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
@@ -225,7 +219,7 @@ async def test_max_age_drops_old_entries_but_not_the_batch_in_flight(tmp_path: P
         now[0] = 1030.0
         await queue.put("young")
         now[0] = 1061.0
-        await eventually(lambda: queue.dropped["max_age"] == 3)
+        await wait_until(lambda: queue.dropped["max_age"] == 3, step=0.01)
         assert [p for _, p in rows(tmp_path / "q.db")] == ["old0", "young"]
         assert (queue.depth, queue.oldest_ts) == (2, 1000.0)
         await queue.ack(1)

@@ -40,7 +40,9 @@ __all__ = [
     "PluginHarness",
     "free_port",
     "pty_pair",
+    "sleep",
     "wait_for_port",
+    "wait_until",
 ]
 
 
@@ -62,6 +64,24 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listening on {host}:{port} after {timeout} s")
             time.sleep(0.01)
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    """A Deferred that fires after ``seconds`` on the running reactor: a pause in a test."""
+    from twisted.internet import reactor, task  # not at import: leave the reactor choice open
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.02) -> Any:
+    """Fires once ``predicate()`` is true, polled every ``step`` s without blocking the reactor;
+    fails with AssertionError after ``timeout`` s. Use it with ``await`` or ``yield``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        yield sleep(step)
 
 
 @dataclass

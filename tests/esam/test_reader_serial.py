@@ -401,10 +401,6 @@ async def stopped(simulator, harness, api) -> None:
     simulator.stop()
 
 
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_every_function_through_the_control_api_on_a_pty(tmp_path):

@@ -9,12 +9,12 @@ import socket
 import pytest
 import pytest_twisted
 from gatewayd.plugins.heating import HeatingConfig, HeatingPlugin, HeatingSimulator
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor
 
 from gatewayd.cli import main as cli_main
 from gatewayd.mqtt import BrokerConfig
 from gatewayd.plugin import DeviceRefused, DeviceTimeout
-from gatewayd.testing import PluginHarness, free_port
+from gatewayd.testing import PluginHarness, free_port, sleep, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -22,19 +22,6 @@ FAST = {"reconnect_initial": 0.05, "reconnect_max": 0.3, "connect_timeout": 2}
 GW = "02345678903"
 GW2 = "02345678904"
 METER_55, METER_53, HEAT_METER = "27100000203400", "27100001200800", "27100002018801"
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def wait_until(predicate, timeout: float = 5.0, step: float = 0.02):
-    for _ in range(int(timeout / step)):
-        if predicate():
-            return
-        yield sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def make_plugin(port: int, **config) -> PluginHarness:

@@ -7,11 +7,11 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.logger import globalLogPublisher
 
 from gatewayd.mqtt import CONNECTED, BrokerConfig, MqttClient, Will, _ReadBuffer
-from gatewayd.testing import Mosquitto, free_port
+from gatewayd.testing import Mosquitto, free_port, sleep, wait_until
 
 from .brokers import SilentBrokerFactory, password_broker, tls_broker
 
@@ -20,19 +20,6 @@ FAST = {"reconnect_initial": 0.05, "reconnect_max": 0.3, "connect_timeout": 2}
 
 def config(port: int, **overrides) -> BrokerConfig:
     return BrokerConfig.model_validate({"host": "127.0.0.1", "port": port, **FAST, **overrides})
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def wait_until(predicate, timeout: float = 5.0, step: float = 0.02):
-    for _ in range(int(timeout / step)):
-        if predicate():
-            return
-        yield sleep(step)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 class Inbox:

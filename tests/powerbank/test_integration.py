@@ -26,26 +26,13 @@ import pytest_twisted
 from gatewayd.plugins.powerbank import PowerbankPlugin
 from gatewayd.plugins.powerbank.simulator import PowerbankSimulator, SimulatorOptions
 from gatewayd.protocols import powerbank as pb
-from twisted.internet import defer, reactor, task
+from twisted.internet import reactor
 
 from gatewayd.plugin import DeviceRefused
-from gatewayd.testing import PluginHarness, free_port, wait_for_port
+from gatewayd.testing import PluginHarness, free_port, sleep, wait_for_port, wait_until
 
 IMEI = "860000000000001"
 CODEC = pb.Codec()
-
-
-def sleep(seconds: float):
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def wait_until(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        yield sleep(0.02)
 
 
 # --- the simulator against the plugin ----------------------------------------------------------
