@@ -13,10 +13,7 @@ from gatewayd.plugins.esam.simulator import demo_key_copy
 
 from gatewayd import testing
 from gatewayd.testing import PluginHarness
-
-METER_NO = "000000000001"
-DIV = "0000" + METER_NO
-ESAM_NO = "0001111100000032"
+from tests.protocols.esam_calls import CALLS, DIV, ESAM_NO, METER_NO, in_function_order
 
 
 def private_demo_keys(directory: Path) -> Path:
@@ -48,110 +45,36 @@ def calls() -> dict[str, dict[str, Any]]:
     soft_meter.r1 = bytes.fromhex("447034E1AABBCCDD")
     readback = bytes.fromhex("04000106000000000000")
     apdu, mac = soft_meter.read_back(0x00, readback)
-    return {
-        "open_device": {"reader_type": 0},
-        "close_device": {},
-        "identity_authentication": {"flag": 0, "div": DIV},
-        "user_control": {
-            "flag": 0,
-            "rand": "271789B1",
-            "div": DIV,
-            "esam_no": ESAM_NO,
-            "data": "1A00140730104001",
-        },
-        "parameter_update": {
-            "flag": 0,
-            "rand": "B4C8C420",
-            "div": DIV,
-            "apdu": "04D6811008",
-            "data": "00002209",
-        },
-        "price1_update": {
-            "flag": 0,
-            "rand": "B4C8C420",
-            "div": DIV,
-            "apdu": "04D6830484",
-            "data": "00001234" * 32,
-        },
-        "price2_update": {
-            "flag": 1,
-            "rand": "B4C8C420",
-            "div": DIV,
-            "apdu": "04D68400FF",
-            "data": "AB" * 251,
-        },  # 264 data bytes: a chained APDU
-        "parameter_else_update": {
-            "flag": 0,
-            "rand": "B4C8C420",
-            "div": DIV,
-            "apdu": "04D6880014",
-            "data": "0400100400230000",
-        },
-        "increase_purse": {
-            "flag": 1,
-            "rand": "B4C8C420",
-            "div": DIV,
-            "data": "000000C800000002112233445566",
-        },
-        "init_purse": {"flag": 0, "rand": "B4C8C420", "div": DIV, "data": "000000C8"},
-        "key_update_v2": {
-            "key_sum": 17,
-            "key_state": "01",
-            "key_id": "0001020A",
-            "rand": "B6382720",
-            "div": DIV,
-            "esam_no": ESAM_NO,
-        },
-        "data_clear1": {
-            "flag": 0,
-            "rand": "B4C8C420",
-            "div": DIV,
-            "data": "1B00140903111011AABBCCDD",
-        },
-        "infrared_rand": {},
-        "infrared_auth": {
-            "flag": 0,
-            "div": DIV,
-            "esam_no": esam.hex().upper(),
-            "rand1": r1.hex().upper(),
-            "rand1_endata": k1.hex().upper(),
-            "rand2": r2.hex().upper(),
-        },
-        "mac_check": {
-            "flag": 0,
-            "rand": "447034E1",
-            "div": DIV,
-            "apdu": apdu.hex().upper(),
-            "data": readback.hex().upper(),
-            "mac": mac.hex().upper(),
-        },
-        "mac_write": {
-            "flag": 0,
-            "rand": "690AF9B6",
-            "div": DIV,
-            "esam_no": ESAM_NO,
-            "file_id": "18",
-            "data_begin": "0010",
-            "data": "11223344",
-        },
-        "enc_mac_write": {
-            "flag": 0,
-            "rand": "F5A307BE",
-            "div": DIV,
-            "esam_no": ESAM_NO,
-            "file_id": "15",
-            "data_begin": "0000",
-            "data": "1122334455" * 7,
-        },
-        "enc_for_compare": {"key_index": "06", "div": "0102030405060708", "data": "5A" * 64},
-        "decrease_purse": {"flag": 1, "rand": "B4C8C420", "div": DIV, "data": "000000C8"},
-        "switch_charge_mode": {
-            "flag": 1,
-            "rand": "B4C8C420",
-            "div": DIV,
-            "data": "020000005000000001",
-        },
-    }
+    return in_function_order(
+        {
+            **CALLS,
+            "open_device": {"reader_type": 0},
+            "close_device": {},
+            "price2_update": {  # 264 data bytes: a chained APDU through the reader
+                "flag": 1,
+                "rand": "B4C8C420",
+                "div": DIV,
+                "apdu": "04D68400FF",
+                "data": "AB" * 251,
+            },
+            "infrared_auth": {
+                "flag": 0,
+                "div": DIV,
+                "esam_no": esam.hex().upper(),
+                "rand1": r1.hex().upper(),
+                "rand1_endata": k1.hex().upper(),
+                "rand2": r2.hex().upper(),
+            },
+            "mac_check": {
+                "flag": 0,
+                "rand": "447034E1",
+                "div": DIV,
+                "apdu": apdu.hex().upper(),
+                "data": readback.hex().upper(),
+                "mac": mac.hex().upper(),
+            },
+        }
+    )
 
 
 # --- a real control API around one plugin instance ----------------------------------------------

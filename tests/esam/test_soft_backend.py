@@ -28,9 +28,11 @@ from gatewayd.protocols.esam_crypto import PROFILES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-METER_NO = "000000000001"
-DIV = bytes.fromhex("0000" + METER_NO)
-ESAM = bytes.fromhex("0001111100000032")
+from tests.protocols import esam_calls
+
+METER_NO = esam_calls.METER_NO
+DIV = bytes.fromhex(esam_calls.DIV)
+ESAM = bytes.fromhex(esam_calls.ESAM_NO)
 HEX = re.compile(r"(?:[0-9A-F]{2})+")
 
 
@@ -109,92 +111,7 @@ def test_appendix_a_through_the_backend(profile_name, k1, mac):
 
 # --- every function: sizes and format ---
 
-CALLS = {
-    "identity_authentication": {"flag": 0, "div": DIV.hex()},
-    "user_control": {
-        "flag": 0,
-        "rand": "271789B1",
-        "div": DIV.hex(),
-        "esam_no": ESAM.hex(),
-        "data": "1A00140730104001",
-    },
-    "parameter_update": {
-        "flag": 0,
-        "rand": "B4C8C420",
-        "div": DIV.hex(),
-        "apdu": "04D6811008",
-        "data": "00002209",
-    },
-    "price1_update": {
-        "flag": 0,
-        "rand": "B4C8C420",
-        "div": DIV.hex(),
-        "apdu": "04D6830484",
-        "data": "00001234" * 32,
-    },
-    "price2_update": {
-        "flag": 1,
-        "rand": "B4C8C420",
-        "div": DIV.hex(),
-        "apdu": "04D6840484",
-        "data": "00005678" * 32,
-    },
-    "parameter_else_update": {
-        "flag": 0,
-        "rand": "B4C8C420",
-        "div": DIV.hex(),
-        "apdu": "04D6880014",
-        "data": "0400100400230000",
-    },
-    "increase_purse": {
-        "flag": 1,
-        "rand": "B4C8C420",
-        "div": DIV.hex(),
-        "data": "000000C800000002112233445566",
-    },
-    "init_purse": {"flag": 0, "rand": "B4C8C420", "div": DIV.hex(), "data": "000000C8"},
-    "key_update_v2": {
-        "key_sum": 17,
-        "key_state": "01",
-        "key_id": "0001020A",
-        "rand": "B6382720",
-        "div": DIV.hex(),
-        "esam_no": ESAM.hex(),
-    },
-    "data_clear1": {
-        "flag": 0,
-        "rand": "B4C8C420",
-        "div": DIV.hex(),
-        "data": "1B00140903111011AABBCCDD",
-    },
-    "infrared_rand": {},
-    "mac_write": {
-        "flag": 0,
-        "rand": "690AF9B6",
-        "div": DIV.hex(),
-        "esam_no": ESAM.hex(),
-        "file_id": "18",
-        "data_begin": "0010",
-        "data": "11223344",
-    },
-    "enc_mac_write": {
-        "flag": 0,
-        "rand": "F5A307BE",
-        "div": DIV.hex(),
-        "esam_no": ESAM.hex(),
-        "file_id": "15",
-        "data_begin": "0000",
-        "data": "1122334455" * 7,
-    },
-    "enc_for_compare": {"key_index": "06", "div": "0102030405060708", "data": "5A" * 64},
-    "decrease_purse": {"flag": 1, "rand": "B4C8C420", "div": DIV.hex(), "data": "000000C8"},
-    "switch_charge_mode": {
-        "flag": 1,
-        "rand": "B4C8C420",
-        "div": DIV.hex(),
-        "data": "020000005000000001",
-    },
-}
+CALLS = esam_calls.CALLS
 
 
 @pytest.mark.parametrize("function", list(CALLS))
