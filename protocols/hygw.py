@@ -412,30 +412,44 @@ def _month_day(value: Any) -> str | None:
 
 
 def _meter_frames(value: Any) -> list[str]:
-    """Every hex frame under ``meter_data`` (list, bare string, or a brace-wrapped oddity)."""
-    if type(value) is list:  # the usual case: a list of plain hex strings
-        plain = [v.upper() for v in value if type(v) is str and _HEX_RE.fullmatch(v)]
-        if len(plain) == len(value):
-            return plain
-    found: list[str] = []
+    """The frames under ``meter_data``, hex upper-cased, anything else as it came.
 
-    def walk(node: Any, depth: int) -> None:
-        if depth > 4:
-            return
-        if isinstance(node, str):
-            compact = re.sub(r"\s+", "", node)
-            if _HEX_RE.fullmatch(compact):
-                found.append(compact.upper())
-        elif isinstance(node, list):
-            for item in node:
-                walk(item, depth + 1)
-        elif isinstance(node, dict):
-            for key, item in node.items():
-                walk(key, depth + 1)
-                walk(item, depth + 1)
+    Every entry of the list (or the bare string) is a frame: one that is not hex stays in the
+    list so that the frame codec rejects it with its reason (``format``, ``truncated``...)
+    rather than it vanishing. Inside nested oddities (a dict, a list in the list) only the hex
+    strings are frames, as the reference advises; the rest may be labels.
+    """
+    if isinstance(value, str):
+        value = [value]
+    elif type(value) is not list:
+        return _hex_strings(value)
+    frames: list[str] = []
+    for item in value:
+        if type(item) is str:
+            frames.append(item.upper() if _HEX_RE.fullmatch(item) else item)
+        elif isinstance(item, (list, dict)):
+            frames.extend(_hex_strings(item))
+        else:  # a number, true, null: not a frame, but say what it was
+            frames.append(json.dumps(item))
+    return frames
 
-    walk(value, 0)
-    return found
+
+def _hex_strings(value: Any, depth: int = 0) -> list[str]:
+    """The hex strings (whitespace allowed) in a nested value, upper-cased and compacted."""
+    if depth > 4:
+        return []
+    if isinstance(value, str):
+        compact = re.sub(r"\s+", "", value)
+        return [compact.upper()] if _HEX_RE.fullmatch(compact) else []
+    if isinstance(value, list):
+        return [frame for item in value for frame in _hex_strings(item, depth + 1)]
+    if isinstance(value, dict):
+        return [
+            frame
+            for key, item in value.items()
+            for frame in _hex_strings(key, depth + 1) + _hex_strings(item, depth + 1)
+        ]
+    return []
 
 
 def _normalise(msg_id: int, fields: dict[str, Any], quirks: list[str]) -> dict[str, Any]:

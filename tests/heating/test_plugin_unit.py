@@ -229,6 +229,19 @@ def test_bad_frame_is_frame_invalid_and_the_others_still_decode():
 
 
 @pytest.mark.parametrize(
+    ("entry", "reason"),
+    [("68532232ZZ", "format"), ("6853", "truncated"), ("685", "format"), ("", "truncated")],
+)
+def test_an_entry_that_is_no_frame_is_frame_invalid_not_dropped(entry, reason):
+    harness, _, link = make()
+    link.deliver(meter_report(METER_53, entry, FRAME_53))
+    (invalid,) = harness.collector.of_type("frame.invalid")
+    assert invalid.data["reason"] == reason
+    assert invalid.raw == entry
+    assert len(harness.collector.of_type("meter.reading")) == 1
+
+
+@pytest.mark.parametrize(
     ("payload", "reason"),
     [
         (b"not json at all", "json"),

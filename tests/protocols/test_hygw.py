@@ -180,6 +180,16 @@ def test_meter_data_bare_string_and_lower_case() -> None:
     assert message.frames == ["6855271005830011119603902F01F716"]
 
 
+def test_meter_data_entries_that_are_no_hex_stay_for_the_frame_codec_to_reject() -> None:
+    text = envelope(20, '{"meter_id":"27100583203400","meter_data":["68ZZ",null,7,"6853"]}')
+    assert decode_message(text).frames == ["68ZZ", "null", "7", "6853"]
+
+
+def test_meter_data_nested_oddities_give_their_hex_strings_only() -> None:
+    text = envelope(40, '{"meter_data":[{"frame":"68 55 27 10"},["6853ab01"]]}')
+    assert decode_message(text).frames == ["68552710", "6853AB01"]
+
+
 def test_trailing_commas() -> None:
     text = envelope(20, report("27100583203400", FRAME_55, ","))
     message = decode_message(text)
