@@ -99,7 +99,11 @@ def run_simulator(simulator_class: Any, args: Any, duration: float | None = None
     start_logging("info")
 
     async def main(reactor: Any) -> None:
-        simulator = simulator_class.from_args(args, reactor)
+        try:
+            simulator = simulator_class.from_args(args, reactor)
+        except (ValueError, OSError) as exc:  # a bad option value, a file that cannot be read
+            print(f"gatewayd simulate: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.maybeDeferred(simulator.stop)
         )

@@ -7,6 +7,7 @@ Every plugin and sink declares its config as a pydantic model derived from ``Plu
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +25,7 @@ __all__ = [
     "Secret",
     "read_secret",
     "parse_host_port",
+    "host_port_argument",
     "parse_duration",
     "parse_byte_size",
 ]
@@ -41,6 +43,15 @@ def parse_host_port(value: Any) -> str:
     if not match or int(match.group(2)) > 65535:
         raise ValueError(f'expected "host:port", got {_describe(value)}')
     return value
+
+
+def host_port_argument(value: str) -> str:
+    """An argparse ``type`` for HOST:PORT options: a usage error naming the option, not a
+    traceback, when the value is not one."""
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def split_host_port(value: str) -> tuple[str, int]:

@@ -32,7 +32,7 @@ from twisted.internet import defer
 
 from gatewayd.mqtt import CONNECTED, BrokerConfig, MqttClient, MqttError, Will
 from gatewayd.plugin import Simulator
-from gatewayd.schema import read_secret, split_host_port
+from gatewayd.schema import host_port_argument, read_secret, split_host_port
 
 __all__ = ["HeatingSimulator", "SimulatedGateway", "SimulatedMeter", "bcd_le"]
 
@@ -445,7 +445,13 @@ class HeatingSimulator(Simulator):
 
     @classmethod
     def add_arguments(cls, parser: Any) -> None:
-        parser.add_argument("--broker", default="127.0.0.1:1883", help="MQTT broker HOST:PORT")
+        parser.add_argument(
+            "--broker",
+            default="127.0.0.1:1883",
+            type=host_port_argument,
+            metavar="HOST:PORT",
+            help="MQTT broker",
+        )
         parser.add_argument("--gateways", type=int, default=1, help="number of gateways")
         parser.add_argument("--meters", type=int, default=3, help="meters per gateway")
         parser.add_argument(

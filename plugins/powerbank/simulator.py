@@ -53,7 +53,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatewayd.plugin import Simulator
-from gatewayd.schema import split_host_port
+from gatewayd.schema import host_port_argument, split_host_port
 
 __all__ = ["PowerbankSimulator", "SimulatedCabinet", "SimulatorOptions"]
 
@@ -464,7 +464,13 @@ class PowerbankSimulator(Simulator):
     def add_arguments(cls, parser: Any) -> None:
         defaults = SimulatorOptions()
         add = parser.add_argument
-        add("--connect", default="127.0.0.1:9000", metavar="HOST:PORT", help="the plugin's listen")
+        add(
+            "--connect",
+            default="127.0.0.1:9000",
+            type=host_port_argument,
+            metavar="HOST:PORT",
+            help="the plugin's listen",
+        )
         add("--cabinets", type=int, default=defaults.cabinets, help="how many cabinets")
         add("--heartbeat", type=float, default=defaults.heartbeat, metavar="SECONDS")
         add(

@@ -1,0 +1,41 @@
+"""``gatewayd simulate FAMILY`` with bad options: one line naming the problem, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def simulate(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "gatewayd", "simulate", *args, "--duration", "1"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ("heating", "--broker", "nonsense"),
+            "argument --broker: expected \"host:port\", got 'nonsense'",
+        ),
+        (
+            ("powerbank", "--connect", "127.0.0.1:99999"),
+            "argument --connect: expected \"host:port\", got '127.0.0.1:99999'",
+        ),
+        (
+            ("heating", "--password-file", "/nonexistent/password"),
+            "gatewayd simulate: [Errno 2] No such file or directory: '/nonexistent/password'",
+        ),
+        (
+            ("esam", "--keys", "/nonexistent/keys.yaml"),
+            "gatewayd simulate: key file /nonexistent/keys.yaml: cannot open",
+        ),
+    ],
+)
+def test_bad_option_is_one_line_and_exit_2(args, message):
+    result = simulate(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
