@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
@@ -137,6 +137,21 @@ class BrokerConfig(ConfigModel):
     def _keepalive_range(cls, value: float) -> float:
         if not 1 <= value <= 65535:
             raise ValueError("keepalive must be 1 s .. 65535 s")
+        return value
+
+    @field_validator("reconnect_initial")
+    @classmethod
+    def _positive_delay(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0 (0 would retry a dead broker without pause)")
+        return value
+
+    @field_validator("reconnect_max")
+    @classmethod
+    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("reconnect_initial")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be at least reconnect_initial ({initial:g} s)")
         return value
 
     @field_validator("client_id", "probe_topic")

@@ -161,6 +161,37 @@ def test_starts_without_a_broker_and_connects_when_it_appears():
 
 
 @pytest_twisted.inlineCallbacks
+def test_reconnect_backoff_doubles_up_to_its_cap_with_jitter():
+    """Nothing listens: the delays are reconnect_initial, twice that, ... up to reconnect_max,
+    each plus a random jitter below reconnect_initial (so a fleet does not retry in step)."""
+    delays = []
+
+    def observe(event):
+        if "retrying in" in (event.get("log_format") or ""):
+            delays.append(event["delay"])
+
+    globalLogPublisher.addObserver(observe)
+    link = client(free_port(), "backoff", reconnect_initial=0.02, reconnect_max=0.08)
+    link.start()
+    try:
+        yield wait_until(lambda: len(delays) >= 7, timeout=10)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        yield link.stop()
+    bases = [0.02, 0.04, 0.08, 0.08, 0.08, 0.08, 0.08]
+    jitters = [delay - base for delay, base in zip(delays, bases, strict=False)]
+    assert all(0 <= jitter < 0.02 for jitter in jitters), delays
+    assert len({round(jitter, 9) for jitter in jitters}) > 1, delays
+
+
+def test_reconnect_delays_are_checked_against_each_other():
+    with pytest.raises(ValueError, match="reconnect_max\n.*at least reconnect_initial"):
+        BrokerConfig(reconnect_initial="10s", reconnect_max="1s")
+    with pytest.raises(ValueError, match="reconnect_initial\n.*more than 0"):
+        BrokerConfig(reconnect_initial=0)
+
+
+@pytest_twisted.inlineCallbacks
 def test_broker_killed_and_restarted_reconnects_and_resubscribes(mosquitto):
     inbox = Inbox()
     states: list[str] = []
