@@ -74,6 +74,8 @@ __all__ = [
 ]
 
 STOPPED, CONNECTING, CONNECTED, WAITING = "stopped", "connecting", "connected", "waiting"
+#: The link state as the number of the ``mqtt_state`` gauge.
+STATE_CODES = {STOPPED: 0, CONNECTING: 1, CONNECTED: 2, WAITING: 3}
 
 #: ``handler(topic, payload, qos, retain)``; a Deferred it returns delays the broker's ack.
 MessageHandler = Callable[[str, bytes, int, bool], Any]
@@ -469,6 +471,11 @@ class MqttClient:
         stats = self.stats
         gauges = {
             "connected": ("1 while connected to the MQTT broker", lambda: float(self.connected)),
+            "state": (
+                "MQTT link state: 0 stopped, 1 connecting, 2 connected, 3 waiting to reconnect",
+                lambda: STATE_CODES[self.state],
+            ),
+            "connect_attempts": ("MQTT connection attempts", lambda: stats.connect_attempts),
             "connects": ("Successful MQTT connections (CONNACK)", lambda: stats.connects),
             "connect_failures": (
                 "MQTT connection attempts that failed",
@@ -481,6 +488,10 @@ class MqttClient:
             ),
             "messages_in": ("MQTT messages received", lambda: stats.messages_in),
             "messages_out": ("MQTT messages published", lambda: stats.messages_out),
+            "publish_failures": (
+                "MQTT publishes paho refused (its outgoing queue full)",
+                lambda: stats.publish_failures,
+            ),
             "handler_errors": (
                 "Received MQTT messages whose handler raised",
                 lambda: stats.handler_errors,

@@ -186,6 +186,8 @@ def test_broker_killed_and_restarted_mid_stream(mosquitto):
         mosquitto.kill()
         yield wait_until(lambda: not link.connected)
         yield sleep(0.5)
+        state = harness.context.metrics.gauges["mqtt_state"][1]
+        assert state() in (1.0, 3.0)  # connecting, or waiting to reconnect
         during = len(readings(harness))
         mosquitto.start()
         yield link.when_connected().addTimeout(5, reactor)
@@ -194,6 +196,7 @@ def test_broker_killed_and_restarted_mid_stream(mosquitto):
         assert link.stats.connects == 2 and link.stats.disconnects == 1
         gauges = {k: read() for k, (_, read) in harness.context.metrics.gauges.items()}
         assert gauges["mqtt_connected"] == 1.0 and gauges["mqtt_disconnects"] == 1
+        assert gauges["mqtt_state"] == 2.0 and gauges["mqtt_connect_attempts"] >= 2
         assert harness.collector.of_type("device.offline") == []  # our outage, not theirs
         assert harness.failures == []
         # Commands work again on the new connection.
