@@ -137,6 +137,21 @@ def _stat_only(message: hygw.Message) -> dict[str, Any]:
     return {"stat": None if stat is None else stat.to_dict()}
 
 
+def decode_hygw_for_cli(text: str) -> dict[str, Any]:
+    """``gatewayd decode hygw``: the message, and each frame of its ``meter_data`` decoded as
+    the plugin would (vendor scaling of the 55H totals; an undecodable one says why)."""
+    result = hygw.decode_for_cli(text)
+    frames = []
+    for hex_frame in result["values"].get("meter_data") or []:
+        try:
+            frames.append(cjt188.decode_for_cli(hex_frame))
+        except Cjt188Error as exc:
+            frames.append({"hex": hex_frame, "error": exc.reason, "message": exc.message})
+    if frames:
+        result["meter_frames"] = frames
+    return result
+
+
 def _frame_summary(hex_frame: str, bcd_decimals: int) -> dict[str, Any]:
     """One frame of a transparent reply for a command result: header and decoded payload."""
     try:
@@ -155,7 +170,7 @@ class HeatingPlugin(Plugin):
 
     protocol = "heating"
     Config = HeatingConfig
-    decoders = {"cjt188": cjt188.decode_for_cli, "hygw": hygw.decode_for_cli}
+    decoders = {"cjt188": cjt188.decode_for_cli, "hygw": decode_hygw_for_cli}
     #: Builds the broker link; tests put a fake here.
     link_factory: Callable[..., Any] = MqttClient
 

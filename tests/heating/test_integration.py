@@ -289,6 +289,14 @@ def test_cli_decode_and_simulate_help(capsys):
         == 0
     )
     assert json.loads(capsys.readouterr().out)["values"]["CSQ"] == {"rssi": None, "ber": None}
+    report = (
+        '{"gw":{"msg_id":20,"msg_gw_pr":0,"gw_id":"02345678903"},'
+        '"data":{"meter_id":"27100583203400","meter_data":["6855271005830011119603902F01F716","68ZZ"]}}'
+    )
+    assert cli_main(["decode", "hygw", report]) == 0
+    good, bad = json.loads(capsys.readouterr().out)["meter_frames"]
+    assert good["payload"]["decoder"] == "valve_55_ack"
+    assert bad == {"hex": "68ZZ", "error": "format", "message": "not a hex string"}
     with pytest.raises(SystemExit):
         cli_main(["simulate", "heating", "--help"])
     assert "--gateways" in capsys.readouterr().out
