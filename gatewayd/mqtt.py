@@ -100,6 +100,18 @@ class TlsConfig(ConfigModel):
     #: true skips the check of the broker's host name against its certificate (testing only).
     insecure: bool = False
 
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _readable(cls, value: str | None) -> str | None:
+        """A missing or unreadable file is a config error (check-config), not a failed start."""
+        if value is not None:
+            try:
+                with open(value, "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"cannot read {value}: {exc.strerror}") from None
+        return value
+
 
 class BrokerConfig(ConfigModel):
     """One broker connection (the ``broker:`` section of MQTT plugins and sinks)."""

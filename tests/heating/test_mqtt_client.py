@@ -384,8 +384,17 @@ def test_tls_with_client_certificate():
         broker.stop()
 
 
-def test_bad_tls_files_fail_at_start():
-    link = client(1883, "x", tls={"ca_file": "/nonexistent/ca.pem"})
+def test_unreadable_tls_files_are_config_errors(tmp_path):
+    for key in ("ca_file", "cert_file", "key_file"):
+        with pytest.raises(ValueError, match=f"{key}\n.*cannot read /nonexistent/x.pem"):
+            BrokerConfig(tls={key: "/nonexistent/x.pem"})
+
+
+def test_a_tls_file_gone_after_the_config_was_read_fails_the_start(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not yet a certificate")
+    link = client(1883, "x", tls={"ca_file": str(ca)})
+    ca.unlink()
     with pytest.raises(OSError):
         link.start()
 
