@@ -33,6 +33,9 @@ SLOT_COUNT: Final = 17
 SLOT_NAMES: Final[tuple[str, ...]] = tuple(f"{slot:02X}" for slot in range(SLOT_COUNT))
 KEY_SIZE: Final = 16
 MAX_FILE_SIZE: Final = 64 * 1024
+#: Names longer than this, or holding this many hex digits in a row, are not echoed in errors.
+MAX_SHOWN_NAME = 12
+_HEX_RUN = re.compile(r"[0-9A-Fa-f]{8}")
 _KEY_HEX: Final = re.compile(f"[0-9A-Fa-f]{{{KEY_SIZE * 2}}}")
 
 
@@ -123,7 +126,7 @@ def parse_key_document(document: Any, source: str = "<keys>") -> EsamKeys:
     if not isinstance(document, Mapping):
         raise KeyFileError(f"key file {source}: expected a mapping with 'profile' and 'keys'")
     for extra in sorted(str(k) for k in document if k not in ("profile", "keys")):
-        problems.append(f"{extra}: unknown key")
+        problems.append(f"{_shown(extra)}: unknown key")
     profile = document.get("profile")
     if profile not in PROFILES:
         problems.append(f"profile: must be one of {', '.join(PROFILES)}")
@@ -133,7 +136,7 @@ def parse_key_document(document: Any, source: str = "<keys>") -> EsamKeys:
         problems.append("keys: expected a mapping with 'test' and 'formal'")
     else:
         for extra in sorted(str(k) for k in keys if k not in KEY_STATES):
-            problems.append(f"keys.{extra}: unknown key state (expected test, formal)")
+            problems.append(f"keys.{_shown(extra)}: unknown key state (expected test, formal)")
         for state in KEY_STATES:
             slots = _parse_slots(keys.get(state), f"keys.{state}", problems)
             if slots is not None:
@@ -152,11 +155,11 @@ def _parse_slots(table: Any, where: str, problems: list[str]) -> tuple[bytes, ..
     before = len(problems)
     for slot, value in table.items():
         if not isinstance(slot, str):
-            problems.append(f'{where}: slot {slot!r} must be a quoted string like "0A"')
+            problems.append(f'{where}: slot {_shown(slot)} must be a quoted string like "0A"')
             continue
         name = slot.upper()
         if name not in SLOT_NAMES:
-            problems.append(f'{where}.{slot}: unknown slot (expected "00".."10")')
+            problems.append(f'{where}.{_shown(slot)}: unknown slot (expected "00".."10")')
             continue
         if name in seen:
             problems.append(f"{where}.{slot}: slot given twice")
@@ -173,6 +176,15 @@ def _parse_slots(table: Any, where: str, problems: list[str]) -> tuple[bytes, ..
     if len(problems) > before:
         return None
     return tuple(found[name] for name in SLOT_NAMES)
+
+
+def _shown(name: Any) -> str:
+    """A name from the file as an error may show it: a long or hex-looking one may be a key
+    written where a name belongs, so it is described rather than echoed."""
+    text = str(name)
+    if len(text) > MAX_SHOWN_NAME or _HEX_RUN.search(text):
+        return f"<a name of {len(text)} characters>"
+    return text
 
 
 def _parse_key(value: Any) -> bytes | None:

@@ -102,6 +102,21 @@ def test_all_problems_reported_at_once_without_values(tmp_path):
     assert SECRET[:10] not in message.upper()
 
 
+def test_a_key_written_where_a_name_belongs_is_not_echoed(tmp_path):
+    doc = document()
+    doc["keys"]["test"][SECRET] = SECRET  # a slot name and its key swapped
+    doc["keys"][SECRET.lower()] = {}
+    doc[f"01 {SECRET}"] = 1
+    doc["keys"]["formal"][int(SECRET[:12], 16)] = SECRET  # an unquoted number as slot
+    with pytest.raises(KeyFileError) as info:
+        load_key_file(write(tmp_path, doc))
+    message = str(info.value)
+    assert "keys.test.<a name of 32 characters>: unknown slot" in message
+    assert "<a name of 35 characters>: unknown key" in message
+    assert SECRET[:8] not in message.upper()
+    assert str(int(SECRET[:12], 16))[:8] not in message
+
+
 def test_unquoted_slot_names_and_keys_are_refused(tmp_path):
     lines = ["profile: sm4", "keys:"]
     for state in ("test", "formal"):
