@@ -11,7 +11,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from gatewayd.schema import ConfigModel, Duration, HostPort, PluginConfig, SinkConfig
+from gatewayd.schema import (
+    ConfigModel,
+    Duration,
+    HostPort,
+    PluginConfig,
+    PositiveDuration,
+    SinkConfig,
+)
 
 
 class GatewaySection(ConfigModel):
@@ -28,7 +35,7 @@ class ApiSection(ConfigModel):
     enabled: bool = True
     listen: HostPort = "127.0.0.1:8720"
     token_file: Path | None = None
-    command_timeout: Duration = 60.0
+    command_timeout: PositiveDuration = 60.0
     max_body_bytes: int = Field(65536, ge=1024)
 
 

@@ -56,7 +56,7 @@ from twisted.logger import Logger
 from twisted.python import threadable
 from zope.interface import implementer
 
-from gatewayd.schema import ConfigModel, Duration, Secret
+from gatewayd.schema import ConfigModel, Duration, PositiveDuration, Secret
 
 __all__ = [
     "CONNECTED",
@@ -127,16 +127,16 @@ class BrokerConfig(ConfigModel):
     #: Seconds between PINGREQs when nothing else is sent; a broker silent for 1.5x is dropped.
     keepalive: Duration = 60.0
     #: TCP connect + TLS handshake, then again for the broker's CONNACK.
-    connect_timeout: Duration = 10.0
+    connect_timeout: PositiveDuration = 10.0
     #: Reconnect delays: reconnect_initial, doubling up to reconnect_max, plus random jitter of
     #: up to reconnect_initial.
-    reconnect_initial: Duration = 1.0
+    reconnect_initial: PositiveDuration = 1.0
     reconnect_max: Duration = 60.0
     #: Silent-broker probe: after this long without any inbound message, publish a probe to
     #: probe_topic; 0 disables the probe.
     probe_interval: Duration = 30.0
     #: No message at all this long after a probe: the broker does not deliver; reconnect.
-    probe_timeout: Duration = 10.0
+    probe_timeout: PositiveDuration = 10.0
     #: Default: gatewayd/probe/<client_id>. The broker must let the client publish and
     #: subscribe there.
     probe_topic: str | None = None
@@ -151,13 +151,6 @@ class BrokerConfig(ConfigModel):
     def _keepalive_range(cls, value: float) -> float:
         if not 1 <= value <= 65535:
             raise ValueError("keepalive must be 1 s .. 65535 s")
-        return value
-
-    @field_validator("reconnect_initial")
-    @classmethod
-    def _positive_delay(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be more than 0 (0 would retry a dead broker without pause)")
         return value
 
     @field_validator("reconnect_max")

@@ -8,11 +8,21 @@ Every plugin and sink declares its config as a pydantic model derived from ``Plu
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, SecretStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+)
 
 __all__ = [
     "Field",
@@ -21,6 +31,7 @@ __all__ = [
     "SinkConfig",
     "HostPort",
     "Duration",
+    "PositiveDuration",
     "ByteSize",
     "Secret",
     "read_secret",
@@ -68,7 +79,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as 30s or 5m, got {value}")
     if isinstance(value, int | float):
-        if value < 0:
+        if not math.isfinite(value) or value < 0:
             raise ValueError(f"expected a duration >= 0, got {value}")
         return float(value)
     if isinstance(value, str):
@@ -76,6 +87,15 @@ def parse_duration(value: Any) -> float:
         if match:
             return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
     raise ValueError(f"expected a duration such as 30s or 5m, got {_describe(value)}")
+
+
+def parse_positive_duration(value: Any) -> float:
+    """A duration that must be more than 0: a timeout or retry delay of 0 means 'fail at once'
+    or 'retry without pause', never what an operator wanted."""
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"expected a duration more than 0, got {_describe(value)}")
+    return seconds
 
 
 _SIZE_UNITS = {
@@ -106,6 +126,7 @@ def parse_byte_size(value: Any) -> int:
 
 HostPort = Annotated[str, BeforeValidator(parse_host_port)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_positive_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]
 #: A secret value: printed as ``**********`` in reprs, errors and dumps.
 Secret = Annotated[SecretStr, PlainSerializer(lambda s: "**********", when_used="always")]
@@ -129,13 +150,28 @@ class SinkConfig(ConfigModel):
 
     type: str
     max_bytes: ByteSize = 256 * 1024 * 1024
-    max_age: Duration = 7 * 24 * 3600.0
+    max_age: PositiveDuration = 7 * 24 * 3600.0
     overflow: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
     batch_size: int = Field(500, ge=1, le=100_000)
-    write_timeout: Duration = 30.0
-    retry_initial: Duration = 1.0
-    retry_max: Duration = 60.0
-    replay_rate: float | None = Field(1000.0, gt=0)
+    write_timeout: PositiveDuration = 30.0
+    retry_initial: PositiveDuration = 1.0
+    retry_max: PositiveDuration = 60.0
+    replay_rate: float | None = Field(1000.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _room_for_events(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be more than 0 (a queue that holds nothing loses everything)")
+        return value
+
+    @field_validator("retry_max")
+    @classmethod
+    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("retry_initial")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be at least retry_initial ({initial:g} s)")
+        return value
 
 
 def read_secret(path: str | Path) -> str:

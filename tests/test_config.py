@@ -997,3 +997,27 @@ def test_reference_config_loads(capsys: pytest.CaptureFixture[str]) -> None:
     config = load_config(REFERENCE, environ={})
     assert config.warnings == []
     assert check_config_main(REFERENCE) == 0
+
+
+def test_sink_timeouts_delays_and_sizes_that_cannot_work_are_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        sinks:
+          store:
+            type: {SINK}
+            path: events.db
+            write_timeout: 0
+            retry_initial: 5s
+            retry_max: 1s
+            max_bytes: 0
+            max_age: .nan
+        """,
+    )
+    assert errors_of(path) == [
+        f"{path}:5: sinks.store.write_timeout: expected a duration more than 0, got 0",
+        f"{path}:7: sinks.store.retry_max: must be at least retry_initial (5 s)",
+        f"{path}:8: sinks.store.max_bytes: must be more than 0 (a queue that holds nothing "
+        "loses everything)",
+        f"{path}:9: sinks.store.max_age: expected a duration >= 0, got nan",
+    ]

@@ -55,7 +55,7 @@ from gatewayd.plugin import (
     Plugin,
     PluginConfig,
 )
-from gatewayd.schema import ConfigModel, Duration
+from gatewayd.schema import ConfigModel, Duration, PositiveDuration
 
 from .backend import Operation, Result
 from .keys import KeyFileError, load_key_file
@@ -71,7 +71,7 @@ class EsamConfig(PluginConfig):
 
     backend: Literal["soft", "reader"] = "reader"
     reader_name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    call_timeout: Duration = 10.0
+    call_timeout: PositiveDuration = 10.0
     max_queue: int = Field(16, ge=1, le=256)
     # backend: soft
     key_file: Path | None = None
@@ -84,8 +84,8 @@ class EsamConfig(PluginConfig):
     exclusive: bool = True
     framing: str = DEFAULT_FRAMING
     slot: int = Field(0, ge=0, le=15)
-    response_timeout: Duration = 2.0
-    reconnect_initial: Duration = 0.5
+    response_timeout: PositiveDuration = 2.0
+    reconnect_initial: PositiveDuration = 0.5
     reconnect_max: Duration = 30.0
 
     @field_validator("framing")

@@ -30,7 +30,7 @@ from gatewayd.plugin import (
     Simulator,
     command,
 )
-from gatewayd.schema import ConfigModel, Duration, HostPort, split_host_port
+from gatewayd.schema import ConfigModel, HostPort, PositiveDuration, split_host_port
 
 READING = re.compile(r"T (?P<device>[A-Za-z0-9_-]{1,32}) (?P<celsius>-?\d{1,3}(?:\.\d{1,2})?)")
 
@@ -38,7 +38,7 @@ READING = re.compile(r"T (?P<device>[A-Za-z0-9_-]{1,32}) (?P<celsius>-?\d{1,3}(?
 class ThermometerConfig(PluginConfig):
     listen: HostPort = "127.0.0.1:9100"
     max_line: int = Field(256, ge=16, le=65536)
-    ping_timeout: Duration = 5.0
+    ping_timeout: PositiveDuration = 5.0
 
 
 class PingArgs(ConfigModel):

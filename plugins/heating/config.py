@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from gatewayd.mqtt import BrokerConfig
-from gatewayd.schema import ConfigModel, Duration, PluginConfig
+from gatewayd.schema import ConfigModel, Duration, PluginConfig, PositiveDuration
 
 GW_ID_PATTERN = r"^[0-9A-Za-z]{11}$"
 METER_ID_PATTERN = r"^[0-9A-Fa-f]{14}$"
@@ -31,13 +31,13 @@ class HeatingConfig(PluginConfig):
     #: Topics: gateways publish to {topic_prefix}/set/<gw_id>, we to {topic_prefix}/get/<gw_id>.
     topic_prefix: str = "hy/gw"
     #: A gateway silent this long (while our broker link is up) goes offline.
-    offline_after: Duration = 1800.0
+    offline_after: PositiveDuration = 1800.0
     #: A gateway silent this long gets a status request (msg 1); null: never ask.
     poll_after: Duration | None = 600.0
     #: How long a command waits for the gateway's stat (or data) reply: then 504.
-    command_timeout: Duration = 30.0
+    command_timeout: PositiveDuration = 30.0
     #: set_valve/transparent: after stat 2, how long to wait for the meter's own reply.
-    transparent_timeout: Duration = 30.0
+    transparent_timeout: PositiveDuration = 30.0
     #: Retries the gateway makes on the meter bus for set_valve/transparent (1..20).
     transparent_count: int = Field(5, ge=1, le=20)
     #: QoS of the commands we publish (the gateway subscribes with QoS 2).

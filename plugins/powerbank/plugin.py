@@ -29,7 +29,14 @@ from pydantic import BeforeValidator, Field, field_validator
 from twisted.internet import defer
 
 from gatewayd.plugin import Device, Plugin, command
-from gatewayd.schema import ConfigModel, Duration, HostPort, PluginConfig, split_host_port
+from gatewayd.schema import (
+    ConfigModel,
+    Duration,
+    HostPort,
+    PluginConfig,
+    PositiveDuration,
+    split_host_port,
+)
 
 from .idlists import IdList
 from .server import CabinetConnection, CabinetServer
@@ -142,13 +149,13 @@ class PowerbankConfig(PluginConfig):
     max_line: int = Field(512, ge=64, le=65536)
     max_connections: int = Field(20000, ge=1)
     rate_limit: RateLimitConfig | None = Field(default_factory=RateLimitConfig)
-    heartbeat_interval: Duration = 60.0
+    heartbeat_interval: PositiveDuration = 60.0
     idle_timeout: Duration | None = None
     allow_imei: list[Imei] | None = None
     allow_imei_file: ExistingFile | None = None
     banks: Annotated[str | list[str], BeforeValidator(_banks)] = "accept_all"
-    lend_timeout: Duration = 20.0
-    query_timeout: Duration = 10.0
+    lend_timeout: PositiveDuration = 20.0
+    query_timeout: PositiveDuration = 10.0
     duplicate_window: Duration = 600.0
     emit_heartbeats: bool = False
     crc: CrcConfig = Field(default_factory=CrcConfig)
