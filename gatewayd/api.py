@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import ipaddress
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -42,7 +41,7 @@ from twisted.web.resource import Resource
 from gatewayd.config_model import ApiSection
 from gatewayd.metrics import MetricsRenderer, oldest_age_seconds
 from gatewayd.plugin import Command, CommandError
-from gatewayd.schema import split_host_port
+from gatewayd.schema import is_loopback, split_host_port
 
 __all__ = [
     "ApiSetupError",
@@ -75,19 +74,6 @@ class HttpError(Exception):
 
 
 # --- starting the API ---------------------------------------------------------------------------
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8 and ::1 (also written as ``::ffff:127.x.y.z``)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
 
 
 def build_site(daemon: Any, config: ApiSection) -> server.Site:

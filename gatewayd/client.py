@@ -59,7 +59,7 @@ class Target:
     host: str
     port: int
     token: str | None
-    timeout: float
+    timeout: float | None  # None: wait without limit
 
     @property
     def address(self) -> str:
@@ -73,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api", metavar="HOST:PORT", help=f"control API address ({DEFAULT_API})")
     parser.add_argument("--token-file", help="file holding the API bearer token")
     parser.add_argument(
-        "--timeout", type=float, help="seconds to wait for the answer (api.command_timeout + 10)"
+        "--timeout",
+        type=float,
+        help="seconds to wait for the answer (default api.command_timeout + 10; 0: no limit)",
     )
     parser.add_argument("plugin", help="plugin instance name from the config (e.g. cabinets)")
     parser.add_argument("command", help="command name (GET /api/v1/plugins lists them)")
@@ -167,7 +169,12 @@ def resolve_target(args: argparse.Namespace) -> Target:
             raise UsageError(f"cannot read the token file {token_file}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise UsageError(f"the token file {token_file} is not UTF-8 text") from None
-    timeout = args.timeout if args.timeout else api.command_timeout + TIMEOUT_MARGIN
+    if args.timeout is not None and args.timeout < 0:
+        raise UsageError(f"--timeout must be 0 (no limit) or more, got {args.timeout:g}")
+    if args.timeout is not None:
+        timeout = args.timeout or None
+    else:  # api.command_timeout 0: the server never answers 504, so neither side gives up
+        timeout = api.command_timeout + TIMEOUT_MARGIN if api.command_timeout else None
     return Target(host, port, token or None, timeout)
 
 

@@ -38,7 +38,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 from gatewayd import registry
 from gatewayd.config_model import ApiSection, Config, GatewaySection, RouteConfig
 from gatewayd.plugin import Plugin
-from gatewayd.schema import PluginConfig, SinkConfig, read_secret
+from gatewayd.schema import PluginConfig, SinkConfig, is_loopback, read_secret, split_host_port
 from gatewayd.sinks.base import Sink
 from gatewayd.yamlnodes import KeyPath, YamlDocument, YamlSyntaxError, format_path, load_yaml
 
@@ -396,6 +396,8 @@ class _FileChecker:
 
         gateway = self._validate(GatewaySection, _section(data, "gateway", {}), ("gateway",))
         api = self._validate(ApiSection, _section(data, "api", {}), ("api",))
+        if api is not None:
+            self._check_api(api)
         plugins, plugin_classes = self._instances(
             data, "plugins", registry.PLUGIN_GROUP, Plugin, PluginConfig
         )
@@ -417,6 +419,30 @@ class _FileChecker:
         )
         config.warnings = self.format(self.warnings)  # type: ignore[attr-defined]
         return config
+
+    def _check_api(self, api: ApiSection) -> None:
+        """What would stop the daemon only after its plugins started: an unreadable or empty
+        token file, and an API open to the network without a token."""
+        if api.token_file is not None:
+            path = (
+                api.token_file
+                if api.token_file.is_absolute()
+                else self.path.parent / api.token_file
+            )
+            try:
+                token = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+                self.error(("api", "token_file"), f"cannot read {path}: {reason}")
+            else:
+                if not token:
+                    self.error(("api", "token_file"), f"{path} is empty")
+        elif api.enabled and not is_loopback(split_host_port(api.listen)[0]):
+            self.error(
+                ("api", "listen"),
+                f"the control API on {api.listen} would take device commands from the network "
+                'without a token: set api.token_file, or listen on loopback ("127.0.0.1:8720")',
+            )
 
     # step 2: ${VAR}
 

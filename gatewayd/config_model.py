@@ -16,7 +16,6 @@ from gatewayd.schema import (
     Duration,
     HostPort,
     PluginConfig,
-    PositiveDuration,
     SinkConfig,
 )
 
@@ -35,7 +34,7 @@ class ApiSection(ConfigModel):
     enabled: bool = True
     listen: HostPort = "127.0.0.1:8720"
     token_file: Path | None = None
-    command_timeout: PositiveDuration = 60.0
+    command_timeout: Duration = 60.0  # 0: no timeout
     max_body_bytes: int = Field(65536, ge=1024)
 
 

@@ -27,7 +27,12 @@ def run_daemon(config: Config, *, demo: bool = False, duration: float | None = N
     async def main(reactor: Any) -> None:
         from gatewayd.service import Daemon
 
-        daemon = Daemon(config, reactor)
+        try:
+            daemon = Daemon(config, reactor)
+        except (OSError, ValueError) as exc:  # the token file went away since the config check
+            log.critical("gatewayd cannot start: {error}", error=exc)
+            exit_status[0] = 2
+            return
         simulators: list[Any] = []
 
         async def shutdown() -> None:

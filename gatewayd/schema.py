@@ -8,6 +8,7 @@ Every plugin and sink declares its config as a pydantic model derived from ``Plu
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import re
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "read_secret",
     "parse_host_port",
     "host_port_argument",
+    "is_loopback",
     "parse_duration",
     "parse_byte_size",
 ]
@@ -63,6 +65,19 @@ def host_port_argument(value: str) -> str:
         return parse_host_port(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8 and ::1 (also written as ``::ffff:127.x.y.z``)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 def split_host_port(value: str) -> tuple[str, int]:

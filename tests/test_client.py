@@ -24,6 +24,7 @@ from gatewayd.client import (
     api_section_from_config,
     command_main,
     parse_arguments,
+    resolve_target,
 )
 from gatewayd.config_model import ApiSection
 from gatewayd.testing import free_port
@@ -229,3 +230,19 @@ def test_client_timeout_exits_3(api, token_file, capsys):
     assert "no answer from the control API" in err and "may still have run" in err
     assert len(cabinet(daemon).pending) == 1
     cabinet(daemon).pending[0].callback(None)  # end the command (and its server-side timeout)
+
+
+@pytest.mark.parametrize(
+    ("given", "command_timeout", "expected"),
+    [(None, 60, 70.0), (None, 0, None), (0, 60, None), (5, 60, 5.0)],
+)
+def test_client_timeout_follows_the_servers(tmp_path, given, command_timeout, expected):
+    """Default: the server's 504 plus a margin; 0 on either side waits without limit."""
+    config = tmp_path / "gatewayd.yaml"
+    config.write_text(f'api: {{listen: "127.0.0.1:9999", command_timeout: {command_timeout}}}\n')
+    args = argparse.Namespace(config=str(config), api=None, token_file=None, timeout=given)
+    assert resolve_target(args).timeout == expected
+    with pytest.raises(UsageError, match="--timeout must be 0"):
+        resolve_target(
+            argparse.Namespace(config=str(config), api=None, token_file=None, timeout=-1)
+        )

@@ -111,6 +111,7 @@ routes:
 
 
 def test_good_file_gives_validated_models(tmp_path: Path) -> None:
+    (tmp_path / "api.token").write_text("a-token\n")
     path = write(tmp_path, GOOD)
     config = load_config(path, environ={})
     assert config.path == path
@@ -650,8 +651,29 @@ def test_secret_file_errors(tmp_path: Path) -> None:
 
 
 def test_a_declared_file_field_is_left_to_the_model(tmp_path: Path) -> None:
-    path = write(tmp_path, "api:\n  token_file: does/not/exist\n")
-    assert load_config(path, environ={}).api.token_file == Path("does/not/exist")
+    (tmp_path / "api.token").write_text("a-token\n")
+    path = write(tmp_path, "api:\n  token_file: api.token\n")
+    assert load_config(path, environ={}).api.token_file == Path("api.token")  # not its content
+
+
+def test_the_api_token_file_must_be_readable_and_not_empty(tmp_path: Path) -> None:
+    (tmp_path / "empty.token").write_text("\n")
+    path = write(tmp_path, "api:\n  token_file: missing.token\n")
+    assert errors_of(path) == [
+        f"{path}:2: api.token_file: cannot read {tmp_path}/missing.token: No such file or directory"
+    ]
+    path = write(tmp_path, "api:\n  token_file: empty.token\n")
+    assert errors_of(path) == [f"{path}:2: api.token_file: {tmp_path}/empty.token is empty"]
+
+
+def test_an_api_open_to_the_network_needs_a_token(tmp_path: Path) -> None:
+    path = write(tmp_path, 'api:\n  listen: "0.0.0.0:8720"\n')
+    assert errors_of(path) == [
+        f"{path}:2: api.listen: the control API on 0.0.0.0:8720 would take device commands from "
+        'the network without a token: set api.token_file, or listen on loopback ("127.0.0.1:8720")'
+    ]
+    path = write(tmp_path, 'api:\n  listen: "0.0.0.0:8720"\n  enabled: false\n')
+    assert load_config(path, environ={}).api.enabled is False
 
 
 def test_secrets_are_never_echoed(tmp_path: Path) -> None:
@@ -725,6 +747,7 @@ def test_unused_sink_is_a_warning(tmp_path: Path) -> None:
 
 
 def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "api.token").write_text("a-token\n")
     path = write(tmp_path, GOOD)
     assert check_config_main(str(path)) == 0
     out, err = capsys.readouterr()
