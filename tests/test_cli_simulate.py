@@ -21,6 +21,10 @@ def simulate(*args: str) -> subprocess.CompletedProcess:
             "argument --broker: expected \"host:port\", got 'nonsense'",
         ),
         (
+            ("example", "--connect", "nowhere"),
+            "argument --connect: expected \"host:port\", got 'nowhere'",
+        ),
+        (
             ("powerbank", "--connect", "127.0.0.1:99999"),
             "argument --connect: expected \"host:port\", got '127.0.0.1:99999'",
         ),

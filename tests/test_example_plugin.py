@@ -4,6 +4,7 @@ import pytest
 import pytest_twisted
 from gatewayd.plugins.example import ThermometerPlugin, ThermometerSimulator
 from twisted.internet import defer, reactor
+from twisted.internet.error import CannotListenError
 
 from gatewayd.plugin import BadArguments, DeviceTimeout, NotFound
 from gatewayd.testing import PluginHarness, connect_line_client, free_port
@@ -40,6 +41,35 @@ def test_reading_is_acknowledged_only_after_it_is_durable():
         assert (yield client.next_line()) == b"OK"
     finally:
         client.close()
+        yield harness.stop()
+
+
+@pytest.mark.parametrize("outcome", ["refuse", "fail"])
+@pytest_twisted.inlineCallbacks
+def test_a_reading_that_was_not_stored_is_not_acknowledged(outcome):
+    harness, port = make(durable="manual")
+    yield harness.start()
+    client = yield connect_line_client(port)
+    try:
+        client.send("T kitchen 21.5")
+        yield harness.collector.wait_for("reading").addTimeout(5, reactor)
+        getattr(harness.collector, outcome)()
+        assert (yield client.next_line()) == b"ERR not stored"
+    finally:
+        client.close()
+        yield harness.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_plugin_whose_start_failed_stops_cleanly():
+    harness, port = make()
+    yield harness.start()
+    try:
+        second = PluginHarness(ThermometerPlugin, {"listen": f"127.0.0.1:{port}"})
+        with pytest.raises(CannotListenError):
+            yield second.start()
+        yield second.stop()  # nothing was listening: no AttributeError
+    finally:
         yield harness.stop()
 
 

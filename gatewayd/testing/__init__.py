@@ -101,22 +101,37 @@ class EventCollector:
 
     def __call__(self, event: Event) -> defer.Deferred:
         self.events.append(event)
+        if self.durable == "now":
+            durable = defer.succeed(None)
+        else:  # held before the waiters run: a test resumed by them may release it at once
+            durable = defer.Deferred()
+            self._held.append(durable)
         for waiter in list(self._waiters):
             predicate, d = waiter
             if predicate(self.events):
                 self._waiters.remove(waiter)
                 d.callback(self.events)
-        if self.durable == "now":
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._held.append(d)
-        return d
+        return durable
 
     def release(self) -> None:
         """Make every held event durable (fires their emit Deferreds, in order)."""
         held, self._held = self._held, []
         for d in held:
             d.callback(None)
+
+    def refuse(self) -> None:
+        """Answer every held emit as a full ``drop_newest`` queue does: with a ``Refused``."""
+        from gatewayd.queue import Refused
+
+        held, self._held = self._held, []
+        for d in held:
+            d.callback(Refused(("test",)))
+
+    def fail(self, error: Exception | None = None) -> None:
+        """Fail every held emit, as a queue that cannot write (disk full, store stopped)."""
+        held, self._held = self._held, []
+        for d in held:
+            d.errback(error or OSError("disk full"))
 
     def of_type(self, type_pattern: str) -> list[Event]:
         from fnmatch import fnmatchcase

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import Field
 from twisted.internet import defer, protocol
+from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from gatewayd.plugin import (
@@ -30,7 +31,13 @@ from gatewayd.plugin import (
     Simulator,
     command,
 )
-from gatewayd.schema import ConfigModel, HostPort, PositiveDuration, split_host_port
+from gatewayd.schema import (
+    ConfigModel,
+    HostPort,
+    PositiveDuration,
+    host_port_argument,
+    split_host_port,
+)
 
 READING = re.compile(r"T (?P<device>[A-Za-z0-9_-]{1,32}) (?P<celsius>-?\d{1,3}(?:\.\d{1,2})?)")
 
@@ -89,6 +96,8 @@ class ThermometerPlugin(Plugin):
     protocol = "example"
     Config = ThermometerConfig
 
+    port: Any = None  # the listening port, once start() opened it
+
     def start(self) -> None:
         self.connections: dict[str, ThermometerProtocol] = {}
         self.last_seen: dict[str, float] = {}
@@ -97,8 +106,10 @@ class ThermometerPlugin(Plugin):
         self.port = self.reactor.listenTCP(port, factory, interface=host)
 
     def stop(self) -> defer.Deferred:
-        for connection in list(self.connections.values()):
+        for connection in list(getattr(self, "connections", {}).values()):
             connection.transport.loseConnection()
+        if self.port is None:  # start() failed before it listened
+            return defer.succeed(None)
         return defer.maybeDeferred(self.port.stopListening)
 
     def reading(self, conn: ThermometerProtocol, device: str, celsius: float, raw: str) -> None:
@@ -112,7 +123,17 @@ class ThermometerPlugin(Plugin):
         self.last_seen[device] = time.time()
         durable = self.context.emit("reading", device, {"celsius": celsius}, raw=raw)
         # Acknowledge only once the event is safe on disk: a device that got OK may forget it.
-        durable.addCallback(lambda _: conn.send("OK"))
+        # None: stored. A Refused: a full drop_newest queue did not take it. Failure: not stored.
+        durable.addCallbacks(
+            lambda refused: conn.send("ERR not stored" if refused else "OK"),
+            lambda failure: self.not_stored(conn, device, failure),
+        )
+
+    def not_stored(self, conn: ThermometerProtocol, device: str, failure: Any) -> None:
+        self.log.error(
+            "reading of {device} not stored: {error}", device=device, error=failure.value
+        )
+        conn.send("ERR not stored")
 
     def disconnected(self, conn: ThermometerProtocol) -> None:
         if conn.pending_ping is not None:
@@ -179,10 +200,29 @@ class SimulatedThermometer(LineOnlyReceiver):
             self.sim.connected.remove(self)
 
 
+class _ThermometerFactory(protocol.ClientFactory):
+    """One simulated thermometer's connection; a refused connect is said, not swallowed."""
+
+    def __init__(self, sim: ThermometerSimulator, device: str) -> None:
+        self.sim, self.device = sim, device
+
+    def buildProtocol(self, addr: Any) -> SimulatedThermometer:
+        return SimulatedThermometer(self.sim, self.device)
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        self.sim.log.warn(
+            "{device}: cannot connect to {target}: {error}",
+            device=self.device,
+            target=self.sim.target,
+            error=reason.getErrorMessage(),
+        )
+
+
 class ThermometerSimulator(Simulator):
     """``gatewayd simulate example --connect HOST:PORT --devices N --interval S``."""
 
     family = "example"
+    log = Logger(namespace="gatewayd.simulate.example")
 
     def __init__(self, reactor: Any, target: str, devices: int = 3, interval: float = 2.0):
         self.reactor, self.target = reactor, target
@@ -192,7 +232,13 @@ class ThermometerSimulator(Simulator):
 
     @classmethod
     def add_arguments(cls, parser: Any) -> None:
-        parser.add_argument("--connect", default="127.0.0.1:9100", help="plugin address")
+        parser.add_argument(
+            "--connect",
+            default="127.0.0.1:9100",
+            type=host_port_argument,
+            metavar="HOST:PORT",
+            help="plugin address",
+        )
         parser.add_argument("--devices", type=int, default=3)
         parser.add_argument("--interval", type=float, default=2.0, help="seconds per reading")
 
@@ -207,9 +253,7 @@ class ThermometerSimulator(Simulator):
     def start(self) -> None:
         host, port = split_host_port(self.target)
         for n in range(self.devices):
-            factory = protocol.ClientFactory.forProtocol(
-                lambda n=n: SimulatedThermometer(self, f"thermo-{n + 1}")
-            )
+            factory = _ThermometerFactory(self, f"thermo-{n + 1}")
             self.reactor.connectTCP(host, port, factory)
 
     def stop(self) -> None:

@@ -354,7 +354,7 @@ class HeatingPlugin(Plugin):
             return None
         if len(emits) == 1:
             return emits[0]
-        return defer.DeferredList(emits, consumeErrors=True)
+        return defer.gatherResults(emits, consumeErrors=True)  # fails if one did: not acked quietly
 
     def _topic_gw_id(self, topic: str) -> str | None:
         try:
