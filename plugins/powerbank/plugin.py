@@ -348,7 +348,7 @@ class PowerbankPlugin(Plugin):
         except PowerbankError as exc:
             self.context.emit(
                 "frame.invalid",
-                conn.imei,
+                conn.imei or _claimed_imei(frame),
                 {"reason": exc.reason, "message": exc.message, "address": conn.address},
                 raw,
             )
@@ -451,6 +451,16 @@ class PowerbankPlugin(Plugin):
         )
         parser.add_argument("--json", action="store_true", help="print a JSON list")
         parser.set_defaults(func=cmd_crc_detect)
+
+
+_LEADING_IMEI = re.compile(rb'\{"(\d{15}),')
+
+
+def _claimed_imei(frame: bytes) -> str | None:
+    """The IMEI a rejected frame starts with, if any: on a connection that has not yet sent a
+    valid frame (wrong CRC settings, say), its errors still name the cabinet."""
+    match = _LEADING_IMEI.match(frame)
+    return match.group(1).decode() if match else None
 
 
 _TYPED_TERMINATOR = re.compile(r"(?:\\r|\\n)+\s*$")

@@ -34,10 +34,9 @@ __all__ = ["CabinetConnection", "CabinetHandler", "CabinetServer", "FrameReceive
 
 log = Logger(namespace="gatewayd.plugins.powerbank.server")
 
-_FRAME_END = b'"}'
 _FRAME_START = b'{"'
-#: Where one line holds several frames: after each ``"}`` and at each bare ``\r``.
-_SPLIT = re.compile(rb'\r|(?<="\})')
+#: Where a frame ends: at ``\n``, ``\r`` (or both), and right after ``"}``.
+_FRAME_ENDS = re.compile(rb'\r\n|\n|\r|(?<="\})')
 
 
 class TokenBucket:
@@ -105,42 +104,33 @@ class FrameReceiver(protocol.Protocol):
             return
         if self._buffer:
             data = self._buffer + data
-        lines = data.split(b"\n")
-        tail = lines.pop()
-        if tail and tail.rstrip().endswith(_FRAME_END):  # a frame without a terminator
-            lines.append(tail)
-            tail = b""
-        self._buffer = tail
+        parts = _FRAME_ENDS.split(data)
+        tail = parts.pop()  # after the last frame end: not complete yet
         frames: list[bytes] = []
-        limit = self.MAX_LENGTH
-        for line in lines:
-            if len(line) > limit:
+        limit = self.MAX_LENGTH  # per frame: back-to-back frames in one read are fine
+        for part in parts:
+            if len(part) > limit:
                 self._deliver(frames)
-                return self._too_long(line)
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            if b"\r" in line or line.count(_FRAME_END) > 1:
-                for part in _SPLIT.split(line):
-                    self._candidate(part, frames)
-            else:
-                self._candidate(line, frames)
+                return self._too_long(part)
+            self._candidate(part, frames)
         if len(tail) > limit:
             self._deliver(frames)
             return self._too_long(tail)
+        self._buffer = tail
         self._deliver(frames)
 
     def _candidate(self, part: bytes, frames: list[bytes]) -> None:
         """Resynchronise on ``{"``: keep a frame, report noise."""
-        start = part.find(_FRAME_START)
-        if start == 0:
-            frames.append(part.rstrip())
-            return
-        if start > 0:
-            self.noiseReceived(part[:start])
-            frames.append(part[start:].rstrip())
-            return
         part = part.strip()
         if not part:
+            return
+        start = part.find(_FRAME_START)
+        if start == 0:
+            frames.append(part)
+            return
+        if start > 0:
+            self.noiseReceived(part[:start].rstrip())
+            frames.append(part[start:])
             return
         if part.isascii() and b"{" not in part:
             self.noiseReceived(part)

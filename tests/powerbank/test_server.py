@@ -117,6 +117,18 @@ def test_a_complete_line_over_max_line_also_closes():
     assert recorder.lost == ["line_too_long"]
 
 
+@pytest.mark.parametrize("end", [b"\r\n", b"\r", b"\n", b""])
+def test_max_line_counts_one_frame_not_the_whole_read(end):
+    """Cabinets send frames back to back: five 32-byte frames in one read of 160+ bytes."""
+    conn, transport, recorder, _, _ = connection(max_line=64)
+    one = frame(pb.Heartbeat(IMEI)).rstrip()
+    conn.dataReceived((one + end) * 5 + one[:20])  # and the start of a sixth
+    assert recorder.frames == [one] * 5
+    assert transport.connected and recorder.lost == []
+    conn.dataReceived(one[20:] + end)
+    assert recorder.frames == [one] * 6
+
+
 def test_rate_limit_pauses_reading_and_delivers_later_without_loss():
     conn, transport, recorder, clock, server = connection(rate=10.0, burst=2)
     conn.dataReceived(b"".join(b'{"%d"}\r\n' % n for n in range(5)))
@@ -260,7 +272,7 @@ def test_bad_crc_is_frame_invalid_and_the_connection_stays_usable():
         assert parse(answer) == pb.ReturnQueryAnswer(IMEI, 2, BANK, True)
         invalid = harness.collector.of_type("frame.invalid")
         assert [(e.data["reason"], e.raw, e.device) for e in invalid] == [
-            ("crc", bad, None),
+            ("crc", bad, IMEI),  # not yet bound, but the frame names its cabinet
             ("format", "hello?{", None),
         ]
         assert harness.context.metrics.frames_invalid == 2
