@@ -1,16 +1,26 @@
-"""Structured logging to stderr through twisted.logger, filtered at the configured level."""
+"""Structured logging to stderr through twisted.logger, filtered at the configured level.
+
+``text``: Twisted's own lines (time, namespace, message). ``json``: one JSON object per line,
+for journald's or a log shipper's parsers: ``ts``, ``level``, ``namespace``, the rendered
+``message``, the ``fields`` its format names, and ``traceback`` for a logged failure. Only fields
+the message itself shows are written, so the JSON says no more than the text line would.
+"""
 
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from datetime import UTC, datetime
+from string import Formatter
+from typing import Any, TextIO
 
+import orjson
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    formatEvent,
     globalLogBeginner,
-    jsonFileLogObserver,
     textFileLogObserver,
 )
 
@@ -22,6 +32,36 @@ LEVELS = {
     "critical": LogLevel.critical,
 }
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def json_line(event: dict[str, Any]) -> str:
+    """One log event as one line of JSON (see the module docstring)."""
+    level = event.get("log_level")
+    stamp = event.get("log_time")
+    record: dict[str, Any] = {
+        "ts": datetime.fromtimestamp(stamp, UTC).isoformat() if stamp is not None else None,
+        "level": level.name if level is not None else None,
+        "namespace": event.get("log_namespace"),
+        "message": formatEvent(event),
+    }
+    fields = {}
+    try:
+        names = [name for _, name, _, _ in Formatter().parse(event.get("log_format") or "")]
+    except ValueError:  # a malformed format: formatEvent said so in the message
+        names = []
+    for name in names:
+        base = (name or "").split(".")[0].split("[")[0]
+        if base and base in event and not base.startswith("log_"):
+            value = event[base]
+            fields[base] = value if isinstance(value, _SCALARS) else str(value)
+    if fields:
+        record["fields"] = fields
+    failure = event.get("log_failure")
+    if failure is not None:
+        record["traceback"] = failure.getTraceback()
+    return orjson.dumps(record, default=str).decode() + "\n"
+
 
 def start_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send log events at ``level`` and above to stderr as text lines or JSON lines.
@@ -29,7 +69,7 @@ def start_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     Standard output is left alone (the ``stdout`` sink and the demo write events there).
     """
     stream = stream or sys.stderr
-    observer = jsonFileLogObserver(stream) if fmt == "json" else textFileLogObserver(stream)
+    observer = FileLogObserver(stream, json_line) if fmt == "json" else textFileLogObserver(stream)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(observer, [predicate])], redirectStandardIO=False

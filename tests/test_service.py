@@ -6,6 +6,7 @@ it over TCP like a device would, and read the sqlite sink's file afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -202,6 +203,31 @@ def test_bad_config_exits_2_naming_file_line_and_key(tmp_path):
     )
     assert result.returncode == 2
     assert f'{config}:5: plugins.thermo.listen: expected "host:port", got 9000' in result.stderr
+
+
+def test_json_log_format_is_one_object_per_line_even_for_a_failure(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    taken = busy.getsockname()[1]
+    config = write_config(tmp_path, taken, free_port(), "{type: stdout}")
+    config.write_text(
+        config.read_text().replace("log_level: info", "log_level: info, log_format: json")
+    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "gatewayd", "run", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        busy.close()
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line parses
+    assert result.returncode == 1
+    failed = [r for r in records if r["level"] == "critical"]
+    assert failed and all(r["message"] for r in records)
+    assert any("Address already in use" in r["message"] + r.get("traceback", "") for r in failed)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
