@@ -20,6 +20,17 @@ from gatewayd.registry import PLUGIN_GROUP, load_all
 DEFAULT_CONFIG = "/etc/gatewayd/gatewayd.yaml"
 
 
+def seconds_argument(value: str) -> float:
+    """An argparse ``type``: a number of seconds more than 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds more than 0, got {value}")
+    return seconds
+
+
 def demo_config_path() -> Path:
     """etc/demo.yaml beside the source tree, else the copy installed under share/gatewayd."""
     here = Path(__file__).resolve().parent.parent / "etc" / "demo.yaml"
@@ -44,7 +55,9 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the daemon plus every plugin's simulator, on loopback")
     demo.add_argument("-c", "--config", default=None, help="default: the bundled demo.yaml")
     demo.add_argument("--state-dir", default=None, help="default: a new temporary directory")
-    demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo.add_argument(
+        "--duration", type=seconds_argument, default=None, help="stop after N seconds"
+    )
     demo.set_defaults(func=cmd_demo)
 
     simulate = sub.add_parser("simulate", help="run one family's device simulator")
@@ -56,7 +69,9 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
                 simulator.family, help=(simulator.__doc__ or "").split("\n")[0]
             )
             simulator.add_arguments(fam)
-            fam.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+            fam.add_argument(
+                "--duration", type=seconds_argument, default=None, help="stop after N seconds"
+            )
             fam.set_defaults(func=cmd_simulate, simulator=simulator)
 
     decoders = {fmt: fn for cls in plugins.values() for fmt, fn in cls.decoders.items()}

@@ -112,7 +112,11 @@ def run_simulator(simulator_class: Any, args: Any, duration: float | None = None
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.maybeDeferred(simulator.stop)
         )
-        await defer.maybeDeferred(simulator.start)
+        try:
+            await defer.maybeDeferred(simulator.start)
+        except (ValueError, OSError) as exc:  # a link it cannot make, a port it cannot open
+            print(f"gatewayd simulate: cannot start: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
         if duration is not None:
             reactor.callLater(duration, reactor.stop)
         await defer.Deferred()

@@ -43,3 +43,21 @@ def test_bad_option_is_one_line_and_exit_2(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_negative_duration_is_a_usage_error():
+    command = [sys.executable, "-m", "gatewayd", "simulate", "esam", "--duration", "-1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "argument --duration: expected seconds more than 0, got -1" in result.stderr
+
+
+def test_a_simulator_that_cannot_start_says_why_and_exits_1(tmp_path):
+    regular = tmp_path / "not-a-link"
+    regular.write_text("keep me")
+    for link in (tmp_path / "missing-dir" / "reader", regular):
+        result = simulate("esam", "--pty", "--link", str(link))
+        assert result.returncode == 1, result.stderr
+        assert "gatewayd simulate: cannot start:" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert regular.read_text() == "keep me"

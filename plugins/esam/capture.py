@@ -101,9 +101,10 @@ def load_capture(path: str | os.PathLike[str]) -> list[CaptureRecord]:
                 item = json.loads(line)
             except ValueError:
                 raise CaptureFormatError(f"{path}:{number}: not JSON") from None
-            if number == 1:
+            if number == 1 or (isinstance(item, dict) and "capture" in item):
+                # A header: the file's first line, and again where a later run appended to it.
                 if not isinstance(item, dict) or item.get("capture") != FORMAT_NAME:
-                    raise CaptureFormatError(f"{path}:1: not a {FORMAT_NAME} capture")
+                    raise CaptureFormatError(f"{path}:{number}: not a {FORMAT_NAME} capture")
                 continue
             try:
                 record = CaptureRecord(float(item["t"]), item["dir"], bytes.fromhex(item["hex"]))
@@ -260,16 +261,23 @@ def capture_main(args: argparse.Namespace) -> int:
     status = [0]
 
     async def run(reactor: Any) -> None:
-        with open(args.out, "a", encoding="utf-8") as handle:
+        try:
+            handle = open(args.out, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            print(f"capture: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+            status[0] = 1
+            return
+        with handle:
             writer = CaptureWriter(handle)
-            writer.header(port=args.port, baudrate=args.baudrate, parity=args.parity)
             relay = CaptureRelay(reactor, serial_opener(settings, reactor), writer, args.link)
             try:
                 path = relay.start()
-            except Exception as exc:
-                print(f"cannot open {args.port}: {exc}", file=sys.stderr)
+            except Exception as exc:  # the reader's port, or the pty and its --link
+                print(f"capture: cannot start: {exc}", file=sys.stderr)
                 status[0] = 1
                 return
+            # Only a capture that started gets a header: each run appends one, then its records.
+            writer.header(port=args.port, baudrate=args.baudrate, parity=args.parity)
             print(path, flush=True)
             print(
                 f"capture: point the vendor software at {args.link or path}; "
@@ -298,11 +306,16 @@ def replay_main(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     directions = DIRECTIONS if args.direction == "both" else (args.direction,)
-    for direction in directions:
-        for item in replay(records, direction, args.framing):
-            if isinstance(item, Rejected):
-                line = {"dir": direction, "rejected": item.reason, "hex": item.raw.hex().upper()}
-            else:
-                line = {"dir": direction, **describe_frame(item)}
-            print(json.dumps(line))
+    try:
+        for direction in directions:
+            for item in replay(records, direction, args.framing):
+                if isinstance(item, Rejected):
+                    raw = item.raw.hex().upper()
+                    line = {"dir": direction, "rejected": item.reason, "hex": raw}
+                else:
+                    line = {"dir": direction, **describe_frame(item)}
+                print(json.dumps(line))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

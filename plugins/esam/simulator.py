@@ -48,6 +48,7 @@ from gatewayd.protocols.reader_framing import (
     ReaderCommand,
     ReaderFrame,
     ReaderStatus,
+    available_framings,
     framer_for,
 )
 from twisted.internet import abstract, fdesc, main
@@ -400,8 +401,18 @@ class EsamReaderSimulator(Simulator):
         )
         parser.add_argument("--link", type=Path, default=None, help="symlink to the pty's path")
         parser.add_argument("--keys", type=Path, default=None, help="key file (default: demo keys)")
-        parser.add_argument("--mode", choices=MODES, default="normal")
-        parser.add_argument("--framing", default=DEFAULT_FRAMING)
+        parser.add_argument(
+            "--mode",
+            choices=MODES,
+            default="normal",
+            help="how the reader behaves (default normal); SIGUSR1 switches to the next mode",
+        )
+        parser.add_argument(
+            "--framing",
+            choices=available_framings(),
+            default=DEFAULT_FRAMING,
+            help=f"the reader's wire framing (default {DEFAULT_FRAMING})",
+        )
 
     @classmethod
     def from_args(cls, args: Any, reactor: Any) -> EsamReaderSimulator:

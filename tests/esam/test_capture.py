@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,6 +124,30 @@ def test_load_capture_refuses_other_files(tmp_path):
     broken.write_text('{"capture": "gatewayd-esam", "version": 1}\n{"t": 1, "dir": "x"}\n')
     with pytest.raises(CaptureFormatError, match=":2: not a capture record"):
         load_capture(broken)
+
+
+def test_two_runs_appended_to_one_file_replay_as_one(tmp_path):
+    framer = GatewayV1Framer()
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    write_capture(first, [(0.1, HOST_TO_READER, framer.encode(request(1, 0x10, 0)))])
+    write_capture(second, [(0.2, HOST_TO_READER, framer.encode(request(2, 0x10, 0)))])
+    both = tmp_path / "both.jsonl"
+    both.write_text(first.read_text() + second.read_text())  # what a second `capture --out` does
+    assert [r.data for r in load_capture(both)] == [r.data for r in load_capture(first)] + [
+        r.data for r in load_capture(second)
+    ]
+
+
+@pytest.mark.parametrize("case", ["unwritable_out", "missing_port"])
+def test_capture_that_cannot_start_says_why_in_one_line_and_records_nothing(tmp_path, case):
+    out = tmp_path / ("missing-dir" if case == "unwritable_out" else "") / "cap.jsonl"
+    command = [sys.executable, "-m", "gatewayd", "esam", "capture", "--out", str(out)]
+    command += ["--port", str(tmp_path / "no-such-tty"), "--duration", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    expected = "capture: cannot write" if case == "unwritable_out" else "capture: cannot start"
+    assert expected in result.stderr
+    assert not out.exists() or out.read_text() == ""  # no header without a capture
 
 
 def test_replay_command_prints_frames(tmp_path, capsys):
