@@ -93,6 +93,23 @@ async def test_sqlite_rows_and_idempotent_replays(tmp_path: Path, as_batch: bool
 
 
 @pytest_twisted.ensureDeferred
+async def test_sqlite_keeps_nul_characters_whole(tmp_path: Path) -> None:
+    """SQLite's json_extract ends a string at a NUL; such events are taken apart in Python."""
+    sink = SqliteSink("store", SqliteSink.Config(type="sqlite"), context(tmp_path))
+    events = make_events(3)
+    events[1].raw = "\x00\x01\x02\xff\xfe"
+    events[2].data = {"text": "ab\x00cd"}
+    await sink.open()
+    try:
+        await sink.write(EventBatch([e.to_json() for e in events]))
+        await sink.write(EventBatch([events[1].to_json()]))  # a replay: still a duplicate
+    finally:
+        await sink.close()
+    assert table(tmp_path / "events.db") == [as_row(e) for e in events]
+    assert sink.duplicates == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_sqlite_skips_entries_that_are_not_events(tmp_path: Path) -> None:
     sink = SqliteSink("store", SqliteSink.Config(type="sqlite", path="sub/x.db"), context(tmp_path))
     good = make_events(2)

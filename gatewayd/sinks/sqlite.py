@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from gatewayd.events import Event, encode_json
+from gatewayd.events import Event, EventDecodeError, encode_json
 from gatewayd.schema import SinkConfig
 from gatewayd.sinks.base import BlockingSink
 
@@ -82,20 +82,27 @@ class SqliteSink(BlockingSink):
         conn = self._conn
         assert conn is not None, "write before open"
         payloads = getattr(events, "payloads", None)
+        decoded: list[tuple] = []
         if payloads is not None:
-            statement, rows = _INSERT_JSON, [(payload,) for payload in payloads]
+            rows = [(payload,) for payload in payloads if _NUL_ESCAPE not in payload]
+            if len(rows) < len(payloads):  # json_extract would cut their strings at the NUL
+                decoded = [row for p in payloads if _NUL_ESCAPE in p for row in _rows_of(p)]
+            statement, count = _INSERT_JSON, len(payloads)
         else:
             statement, rows = _INSERT, [_row(e) for e in events]
+            count = len(rows)
         before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(statement, rows)
+            if decoded:
+                conn.executemany(_INSERT, decoded)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        ignored = len(rows) - (conn.total_changes - before)
+        ignored = count - (conn.total_changes - before)
         if ignored and payloads is not None:
             # Rare (replays after a crash): tell duplicates from entries that are not events;
             # decoding the batch lists the latter in ``events.invalid`` for the delivery loop.
@@ -107,6 +114,18 @@ class SqliteSink(BlockingSink):
         conn, self._conn = getattr(self, "_conn", None), None
         if conn is not None:
             conn.close()
+
+
+#: A NUL character as it appears in an event's JSON text.
+_NUL_ESCAPE = "\\u0000"
+
+
+def _rows_of(payload: str) -> list[tuple]:
+    """The row of a queued event decoded in Python (none if it is not an event)."""
+    try:
+        return [_row(Event.from_json(payload))]
+    except EventDecodeError:
+        return []
 
 
 def _row(e: Event) -> tuple:
