@@ -47,7 +47,15 @@ from twisted.python.failure import Failure
 
 from gatewayd.events import encode_json
 
-__all__ = ["DROP_REASONS", "DurableQueue", "QueueClosed", "QueueError", "QueueStore", "Refused"]
+__all__ = [
+    "DROP_REASONS",
+    "DurableQueue",
+    "QueueClosed",
+    "QueueError",
+    "QueueStore",
+    "Refused",
+    "stranded_queues",
+]
 
 #: Keys of ``DurableQueue.dropped``.
 DROP_REASONS = ("overflow_oldest", "overflow_newest", "max_age")
@@ -523,6 +531,23 @@ class DurableQueue:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.close()
             self._conn = None
+
+
+def stranded_queues(directory: Path, names: set[str]) -> list[tuple[Path, int | None]]:
+    """Queue files in ``directory`` of no sink in ``names``, with the events each still holds
+    (None when it cannot be read): a sink removed or renamed in the config leaves its
+    undelivered events there."""
+    found = []
+    for path in sorted(directory.glob("*.db")):
+        if path.stem in names:
+            continue
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+                depth = conn.execute("SELECT count(*) FROM queue").fetchone()[0]
+        except sqlite3.Error:
+            depth = None
+        found.append((path, depth))
+    return found
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -18,7 +18,7 @@ from gatewayd.delivery import SinkRunner
 from gatewayd.events import Event
 from gatewayd.host import PluginHost
 from gatewayd.pipeline import Pipeline
-from gatewayd.queue import QueueStore
+from gatewayd.queue import QueueStore, stranded_queues
 from gatewayd.sdnotify import Notifier
 from gatewayd.sinks.base import SinkContext
 
@@ -72,6 +72,21 @@ class Daemon:
         self._watchdog: task.LoopingCall | None = None
         self._stopping: defer.Deferred | None = None
 
+    def _warn_of_stranded_queues(self) -> None:
+        directory = self.state_dir / "queues"
+        for path, depth in stranded_queues(directory, set(self.config.sinks)):
+            if depth == 0:
+                log.info("queue file {path} belongs to no sink and is empty", path=str(path))
+                continue
+            held = "an unreadable number of" if depth is None else str(depth)
+            log.warn(
+                "queue file {path} belongs to no sink in the config and holds {held} events "
+                "never delivered: name a sink {sink!r} again to deliver them, or delete the file",
+                path=str(path),
+                held=held,
+                sink=path.stem,
+            )
+
     # --- figures the API reads --------------------------------------------------------------
 
     @property
@@ -103,7 +118,11 @@ class Daemon:
 
     @defer.inlineCallbacks
     def start(self) -> Any:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"gateway.state_dir {self.state_dir}: {exc.strerror}") from None
+        self._warn_of_stranded_queues()
         self._lag.start()
         self.queue_store.start()
         queues = {}

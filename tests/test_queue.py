@@ -20,7 +20,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from gatewayd.queue import QueueClosed, QueueError, QueueStore, Refused
+from gatewayd.queue import QueueClosed, QueueError, QueueStore, Refused, stranded_queues
 from gatewayd.testing import wait_until
 
 BIG = 1 << 40
@@ -391,3 +391,21 @@ def test_kill_9_loses_no_confirmed_put(tmp_path: Path, sync: str) -> None:
     conn = sqlite3.connect(tmp_path / "q.db")
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stranded_queues_are_the_files_of_no_configured_sink(tmp_path: Path) -> None:
+    store = QueueStore(tmp_path, reactor)
+    store.start()
+    try:
+        for name, count in (("archive", 3), ("store", 1)):
+            queue = await open_queue(store, name)
+            await defer.gatherResults([queue.put(f"event {i}") for i in range(count)])
+    finally:
+        await store.stop()
+    (tmp_path / "broken.db").write_bytes(b"not a database")
+    assert stranded_queues(tmp_path, {"store"}) == [
+        (tmp_path / "archive.db", 3),
+        (tmp_path / "broken.db", None),
+    ]
+    assert stranded_queues(tmp_path, {"store", "archive", "broken"}) == []
