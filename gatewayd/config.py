@@ -403,6 +403,8 @@ class _FileChecker:
         )
         sinks, sink_classes = self._instances(data, "sinks", registry.SINK_GROUP, Sink, SinkConfig)
         routes = self._routes(data)
+        if gateway is not None:
+            self._check_clashes(gateway, api, plugins, sinks)
 
         if self.errors:
             raise ConfigError(self.format(self.errors))
@@ -443,6 +445,44 @@ class _FileChecker:
                 f"the control API on {api.listen} would take device commands from the network "
                 'without a token: set api.token_file, or listen on loopback ("127.0.0.1:8720")',
             )
+
+    def _check_clashes(
+        self,
+        gateway: GatewaySection,
+        api: ApiSection | None,
+        plugins: dict[str, Any],
+        sinks: dict[str, Any],
+    ) -> None:
+        """Two listeners on one port, two sinks writing one file, a sink writing a queue file:
+        each would fail (or corrupt data) only once the daemon runs."""
+        listeners: list[tuple[KeyPath, str]] = []
+        if api is not None and api.enabled:
+            listeners.append((("api", "listen"), api.listen))
+        for name, model in plugins.items():
+            if isinstance(getattr(model, "listen", None), str):
+                listeners.append((("plugins", name, "listen"), model.listen))
+        for index, (path, address) in enumerate(listeners):
+            for earlier_path, earlier in listeners[:index]:
+                if _same_port(address, earlier):
+                    where = format_path(earlier_path)
+                    self.error(path, f"{address} is also {where}'s address ({earlier})")
+                    break
+        state_dir = gateway.state_dir
+        if not state_dir.is_absolute():
+            state_dir = self.path.parent / state_dir
+        queue_files = {(state_dir / "queues" / f"{name}.db").resolve() for name in sinks}
+        written: dict[Path, str] = {}
+        for name, model in sinks.items():
+            given = getattr(model, "path", None)
+            if not isinstance(given, str | Path):
+                continue
+            target = (Path(given) if Path(given).is_absolute() else state_dir / given).resolve()
+            if target in queue_files:
+                self.error(("sinks", name, "path"), f"{target} is a sink's queue file")
+            elif target in written:
+                self.error(("sinks", name, "path"), f"{target} is also sinks.{written[target]}'s")
+            else:
+                written[target] = name
 
     # step 2: ${VAR}
 
@@ -656,6 +696,15 @@ class _FileChecker:
             if name not in used:
                 self.warn(("sinks", name), "not used by any route, so it receives no events")
         return validated if all(route is not None for route in validated) else None
+
+
+_ANY_HOST = {"", "0.0.0.0", "::", "[::]"}
+
+
+def _same_port(one: str, other: str) -> bool:
+    """Whether two listen addresses would take the same port (a wildcard takes every host's)."""
+    (host, port), (other_host, other_port) = split_host_port(one), split_host_port(other)
+    return port == other_port != 0 and (host == other_host or {host, other_host} & _ANY_HOST)
 
 
 def _section(data: dict[Any, Any], key: str, default: Any) -> Any:

@@ -633,11 +633,11 @@ def test_secret_file_errors(tmp_path: Path) -> None:
             broker: {{host: h, password_file: missing.txt}}
           b:
             type: {PLUGIN}
-            listen: "0.0.0.0:1"
+            listen: "0.0.0.0:2"
             broker: {{host: h, password: x, password_file: missing.txt}}
           c:
             type: {PLUGIN}
-            listen: "0.0.0.0:1"
+            listen: "0.0.0.0:3"
             broker: {{host: h, username_file: 5}}
         """,
     )
@@ -735,7 +735,7 @@ def test_unused_sink_is_a_warning(tmp_path: Path) -> None:
         f"""
         sinks:
           store: {{type: {SINK}}}
-          north: {{type: {SINK}}}
+          north: {{type: {SINK}, path: north.out}}
         routes:
           - sinks: [store]
         """,
@@ -1043,4 +1043,30 @@ def test_sink_timeouts_delays_and_sizes_that_cannot_work_are_refused(tmp_path: P
         f"{path}:8: sinks.store.max_bytes: must be more than 0 (a queue that holds nothing "
         "loses everything)",
         f"{path}:9: sinks.store.max_age: expected a duration >= 0, got nan",
+    ]
+
+
+def test_clashing_listeners_and_sink_files_are_refused(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        gateway: {{state_dir: state}}
+        api: {{listen: "127.0.0.1:8720"}}
+        plugins:
+          a: {{type: {PLUGIN}, listen: "0.0.0.0:8720"}}
+          b: {{type: {PLUGIN}, listen: "127.0.0.1:9000"}}
+          c: {{type: {PLUGIN}, listen: "127.0.0.2:9000"}}
+        sinks:
+          one: {{type: {SINK}, path: events.db}}
+          two: {{type: {SINK}, path: {tmp_path}/state/events.db}}
+          three: {{type: {SINK}, path: queues/one.db}}
+        routes:
+          - {{match: {{type: "*"}}, sinks: [one, two, three]}}
+        """,
+    )
+    state = tmp_path / "state"
+    assert errors_of(path) == [
+        f"{path}:4: plugins.a.listen: 0.0.0.0:8720 is also api.listen's address (127.0.0.1:8720)",
+        f"{path}:9: sinks.two.path: {state}/events.db is also sinks.one's",
+        f"{path}:10: sinks.three.path: {state}/queues/one.db is a sink's queue file",
     ]
