@@ -56,6 +56,11 @@ log = Logger(namespace="gatewayd.plugins.powerbank.state")
 #: emit(type, device, data, raw) -> Deferred firing with None once the event is durable.
 Emit = Callable[[str, str | None, dict[str, Any], str | None], defer.Deferred]
 
+#: Answers remembered per cabinet for duplicates: expired ones go once there are PURGE_AT, and
+#: beyond MAX_REMEMBERED the oldest go too, so a cabinet flooding distinct packets stays small.
+PURGE_AT = 16
+MAX_REMEMBERED = 64
+
 
 class Connection(Protocol):
     """What the registry needs from a cabinet's connection (TCP in production, a fake in tests)."""
@@ -329,9 +334,11 @@ class CabinetRegistry:
         """
         now = self.clock.seconds()
         replies = cabinet.replies
-        if len(replies) >= 16:
+        if len(replies) >= PURGE_AT:
             for key in [k for k, r in replies.items() if r.expires <= now]:
                 del replies[key]
+            while len(replies) >= MAX_REMEMBERED:  # a flood of distinct packets: oldest first
+                del replies[next(iter(replies))]
         reply = replies[packet] = _Reply(answer, now + self.settings.duplicate_window)
         if durable is None:
             reply.durable = True

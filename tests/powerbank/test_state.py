@@ -7,7 +7,7 @@ durable and checks that AM / AR never leave before that.
 from __future__ import annotations
 
 import pytest
-from gatewayd.plugins.powerbank.state import CabinetRegistry, FlowSettings
+from gatewayd.plugins.powerbank.state import MAX_REMEMBERED, CabinetRegistry, FlowSettings
 from gatewayd.protocols.powerbank import (
     Heartbeat,
     LendRequest,
@@ -387,6 +387,19 @@ def test_duplicate_window_is_configurable():
     flows.receive(conn, mc)
     assert len(flows.data("return.succeeded")) == 2
     assert conn.sent == [mc.ack()] * 3
+
+
+def test_a_flood_of_distinct_packets_keeps_the_duplicate_cache_bounded():
+    flows = Flows(durable="now")
+    conn = flows.connect()
+    for slot in range(1, 201):  # 200 different returns within one duplicate window
+        flows.receive(conn, ReturnResult(IMEI, slot % 3 + 1, f"{slot:010d}", True))
+    cabinet = flows.registry.cabinets[IMEI]
+    assert len(cabinet.replies) <= MAX_REMEMBERED
+    assert len(flows.data("return.succeeded")) == 200
+    newest = ReturnResult(IMEI, 200 % 3 + 1, f"{200:010d}", True)
+    flows.receive(conn, newest)  # the newest are still remembered: recorded once
+    assert len(flows.data("return.succeeded")) == 200
 
 
 def test_mc_without_a_lend_of_this_run_is_recorded_and_acknowledged():
