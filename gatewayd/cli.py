@@ -40,16 +40,20 @@ def demo_config_path() -> Path:
 
 
 def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gatewayd", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="gatewayd",
+        description="gatewayd: device plugins, durable event routing and a control API, "
+        "driven by one config file.",
+    )
     parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"default: {DEFAULT_CONFIG}")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check-config", help="validate a config file (exit 0 ok, 2 bad)")
-    check.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"default: {DEFAULT_CONFIG}")
     check.set_defaults(func=cmd_check_config)
 
     demo = sub.add_parser("demo", help="the daemon plus every plugin's simulator, on loopback")

@@ -247,7 +247,8 @@ def test_systemd_unit_verifies(tmp_path):
         assert option in unit
     executable = shutil.which("gatewayd") or sys.executable
     copy = tmp_path / "gatewayd.service"
-    copy.write_text(unit.replace("/usr/local/bin/gatewayd", executable))
+    assert "ExecStart=/opt/gatewayd/bin/gatewayd run" in unit  # the README's install steps
+    copy.write_text(unit.replace("/opt/gatewayd/bin/gatewayd", executable))
     result = subprocess.run(
         ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60
     )
