@@ -177,7 +177,7 @@ class DaemonCollector:
         self,
         plugin: str,
         published: dict[str, tuple[str, Callable[[], float]]],
-        families: dict[str, GaugeMetricFamily],
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily],
     ) -> None:
         for gauge_name, (help_text, read) in sorted(published.items()):
             safe = _metric_safe(gauge_name)
@@ -190,8 +190,9 @@ class DaemonCollector:
             if value is None:
                 continue
             family = families.get(safe)
-            if family is None:
-                family = families[safe] = GaugeMetricFamily(
+            if family is None:  # a name ending in _total counts up: expose it as a counter
+                kind = CounterMetricFamily if safe.endswith("_total") else GaugeMetricFamily
+                family = families[safe] = kind(
                     f"gatewayd_plugin_{safe}", help_text or gauge_name, labels=["plugin"]
                 )
             family.add_metric([plugin], value)

@@ -665,6 +665,7 @@ def test_metrics_parse_with_the_right_values(tmp_path, serve):
     metrics.count_command("lend", "ok")
     metrics.count_command("lend", "6A82")
     metrics.gauge("pending_acks", "Events waiting to be acknowledged", lambda: 4)
+    metrics.gauge("retries_total", "Retries so far", lambda: 9)
     metrics.gauge("broken", "A gauge that raises", lambda: 1 / 0)
     daemon.plugins["down"] = cabinet_host("down", reactor, tmp_path, state="failed")
     cabinet(daemon, "down").fail_devices = True
@@ -705,6 +706,7 @@ def test_metrics_parse_with_the_right_values(tmp_path, serve):
             labels(plugin="cabinets", command="lend", outcome="6A82"),
         ): 1,
         ("gatewayd_plugin_pending_acks", labels(plugin="cabinets")): 4,
+        ("gatewayd_plugin_retries_total", labels(plugin="cabinets")): 9,
         ("gatewayd_sink_up", labels(sink="store")): 1,
         ("gatewayd_sink_up", labels(sink="north")): 0,
         ("gatewayd_sink_queued_events", labels(sink="store")): 4,
@@ -727,6 +729,9 @@ def test_metrics_parse_with_the_right_values(tmp_path, serve):
     # a devices() that raises and a gauge that raises cost only their own samples
     assert ("gatewayd_plugin_devices_online", labels(plugin="down")) not in got
     assert not any(name == "gatewayd_plugin_broken" for name, _ in got)
+    text = data.decode()
+    assert "# TYPE gatewayd_plugin_retries_total counter" in text  # a *_total gauge counts
+    assert "# TYPE gatewayd_plugin_pending_acks gauge" in text
 
 
 def test_metrics_without_daemon_activity_are_still_valid(tmp_path):
