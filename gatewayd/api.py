@@ -533,10 +533,13 @@ def read_json_object(request: server.Request, max_bytes: int) -> dict[str, Any]:
         raise HttpError(413, "too_large", f"the body is larger than {max_bytes} bytes")
     if not body.strip():
         return {}
-    try:
-        arguments = json.loads(body)
+    try:  # UTF-8 only (json.loads(bytes) would also take UTF-16 and UTF-32), no BOM
+        text = body.decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise UnicodeDecodeError("utf-8", body, 0, 3, "a byte order mark")
+        arguments = json.loads(text)
     except UnicodeDecodeError:
-        raise HttpError(400, "bad_request", "the body is not UTF-8 text") from None
+        raise HttpError(400, "bad_request", "the body is not UTF-8 text (without BOM)") from None
     except ValueError as exc:
         raise HttpError(400, "bad_request", f"the body is not valid JSON: {exc}") from None
     if not isinstance(arguments, dict):

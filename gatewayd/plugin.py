@@ -17,6 +17,7 @@ Lifecycle of one plugin instance (``plugins.<name>`` in the config):
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,7 @@ class Command:
                         f"{self.name} takes no arguments, got: {', '.join(sorted(arguments))}"
                     )
                 return defer.maybeDeferred(self.handler)
+            _refuse_booleans_for_numbers(self.args, arguments)
             try:
                 parsed = self.args.model_validate(arguments)
             except ValidationError as exc:
@@ -136,6 +138,27 @@ class Command:
             return defer.maybeDeferred(self.handler, parsed)
         except CommandError as exc:
             return defer.fail(exc)
+
+
+def _refuse_booleans_for_numbers(model: type[BaseModel], arguments: Any) -> None:
+    """pydantic reads ``true`` as 1 for an int field; a command argument should say so instead
+    (``slot: true`` is a client's bug, not slot 1)."""
+    if not isinstance(arguments, dict):
+        return
+    for name, field_info in model.model_fields.items():
+        value = arguments.get(name)
+        if isinstance(value, bool) and _numeric(field_info.annotation):
+            raise BadArguments(f"{name}: expected a number, got {str(value).lower()}")
+
+
+def _numeric(annotation: Any) -> bool:
+    """int or float, alone or in ``X | None``; not bool."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) else (annotation,)
+    return (
+        bool(options)
+        and all(o in (int, float, type(None)) for o in options)
+        and (int in options or float in options)
+    )
 
 
 def describe_validation_error(exc: ValidationError) -> str:

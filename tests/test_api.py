@@ -305,6 +305,14 @@ def test_bad_argument_is_named(serve):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_boolean_for_a_number_is_400_not_1(serve):
+    served = serve()
+    status, _, body = yield post_json(served, LEND, {"slot": True})
+    assert status == 400
+    assert_error(body, "bad_arguments", "slot: expected a number, got true")
+
+
+@pytest_twisted.inlineCallbacks
 def test_invalid_json_is_400_naming_the_problem(serve):
     served = serve()
     status, _, body = yield post_json(served, LEND, raw=b'{"slot": 3')
@@ -320,10 +328,15 @@ def test_body_must_be_an_object(serve):
     assert_error(body, "bad_request", "JSON object", "got a JSON array")
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"slot": "\xff"}', '{"slot": 3}'.encode("utf-16"), b'\xef\xbb\xbf{"slot": 3}'],
+    ids=["bad-utf8", "utf16", "utf8-bom"],
+)
 @pytest_twisted.inlineCallbacks
-def test_body_not_utf8_is_400(serve):
+def test_body_not_utf8_is_400(serve, raw):
     served = serve()
-    status, _, body = yield post_json(served, LEND, raw=b'{"slot": "\xff"}')
+    status, _, body = yield post_json(served, LEND, raw=raw)
     assert status == 400
     assert_error(body, "bad_request", "UTF-8")
 
