@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from pydantic import ValidationError
 
 from gatewayd.config_model import ApiSection
 from gatewayd.schema import parse_host_port, split_host_port
@@ -137,10 +140,32 @@ def api_section_from_config(path: str) -> ApiSection:
     except yaml.YAMLError as exc:
         raise UsageError(f"config {path} is not valid YAML: {exc}") from None
     section = (document or {}).get("api") if isinstance(document, dict) else None
+    if isinstance(section, dict):
+        section = {key: _expanded(path, key, value) for key, value in section.items()}
     try:
         return ApiSection.model_validate(section or {})
+    except ValidationError as exc:
+        raise UsageError(f"config {path}: {_api_problems(exc)}") from None
     except ValueError as exc:
-        raise UsageError(f"config {path}: api section: {exc}") from None
+        raise UsageError(f"config {path}: api: {exc}") from None
+
+
+def _expanded(path: str, key: Any, value: Any) -> Any:
+    """``${VAR}`` in one value of the api section, as the daemon would expand it."""
+    if not isinstance(value, str):
+        return value
+    from gatewayd.config import VariableError, expand_variables
+
+    try:
+        return expand_variables(value, os.environ)
+    except VariableError as exc:
+        raise UsageError(f"config {path}: api.{key}: {exc}") from None
+
+
+def _api_problems(exc: ValidationError) -> str:
+    from gatewayd.plugin import describe_validation_error
+
+    return "; ".join(f"api.{part}" for part in describe_validation_error(exc).split("; "))
 
 
 def resolve_target(args: argparse.Namespace) -> Target:

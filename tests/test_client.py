@@ -100,7 +100,7 @@ def test_unreadable_or_bad_config_is_a_usage_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("api: {listen: 9000}\n")
     assert command_main(["-c", str(bad), "p", "c"]) == EXIT_USAGE
-    assert "api section" in capsys.readouterr().err
+    assert "api.listen: expected \"host:port\", got 9000" in capsys.readouterr().err
 
 
 # --- end to end against a real listening API ------------------------------------------------------
@@ -246,3 +246,22 @@ def test_client_timeout_follows_the_servers(tmp_path, given, command_timeout, ex
         resolve_target(
             argparse.Namespace(config=str(config), api=None, token_file=None, timeout=-1)
         )
+
+
+def test_api_section_alone_expands_variables_and_names_bad_keys(tmp_path, monkeypatch):
+    config = tmp_path / "gatewayd.yaml"
+    config.write_text(
+        'api:\n  listen: "127.0.0.1:${API_PORT}"\n'
+        "plugins:\n  cab: {type: no-such-family}\n"  # the full load refuses the file
+    )
+    monkeypatch.setenv("API_PORT", "9997")
+    assert api_section_from_config(str(config)).listen == "127.0.0.1:9997"
+    monkeypatch.delenv("API_PORT")
+    with pytest.raises(UsageError, match="api.listen: environment variable API_PORT is not set"):
+        api_section_from_config(str(config))
+    config.write_text("api:\n  listen: 9000\n  colour: red\nplugins: {cab: {type: nope}}\n")
+    with pytest.raises(UsageError) as info:
+        api_section_from_config(str(config))
+    message = str(info.value)
+    assert "api.listen: " in message and "api.colour: " in message
+    assert "pydantic.dev" not in message
