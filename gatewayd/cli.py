@@ -70,7 +70,9 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
         simulator = plugin_class.simulator
         if simulator is not None:
             fam = families.add_parser(
-                simulator.family, help=(simulator.__doc__ or "").split("\n")[0]
+                simulator.family,
+                help=(simulator.__doc__ or "").split("\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
             )
             simulator.add_arguments(fam)
             fam.add_argument(

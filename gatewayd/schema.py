@@ -37,6 +37,7 @@ __all__ = [
     "Secret",
     "read_secret",
     "parse_host_port",
+    "count_argument",
     "host_port_argument",
     "is_loopback",
     "parse_duration",
@@ -78,6 +79,17 @@ def is_loopback(host: str) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return address.is_loopback
+
+
+def count_argument(value: str) -> int:
+    """An argparse ``type`` for how-many options (cabinets, gateways): a whole number >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {number}")
+    return number
 
 
 def split_host_port(value: str) -> tuple[str, int]:

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from gatewayd.testing import free_port
+
 
 def simulate(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "gatewayd", "simulate", *args, "--duration", "1"]
@@ -20,6 +22,8 @@ def simulate(*args: str) -> subprocess.CompletedProcess:
             ("heating", "--broker", "nonsense"),
             "argument --broker: expected \"host:port\", got 'nonsense'",
         ),
+        (("powerbank", "--cabinets", "-1"), "argument --cabinets: expected 1 or more, got -1"),
+        (("heating", "--gateways", "x"), "argument --gateways: expected a whole number, got 'x'"),
         (
             ("example", "--connect", "nowhere"),
             "argument --connect: expected \"host:port\", got 'nowhere'",
@@ -43,6 +47,12 @@ def test_bad_option_is_one_line_and_exit_2(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_simulator_that_cannot_connect_says_so():
+    result = simulate("powerbank", "--connect", f"127.0.0.1:{free_port()}", "--cabinets", "3")
+    assert result.returncode == 0
+    assert result.stderr.count("cannot connect to 127.0.0.1:") == 1  # once, not per cabinet
 
 
 def test_a_negative_duration_is_a_usage_error():

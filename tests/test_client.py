@@ -100,7 +100,7 @@ def test_unreadable_or_bad_config_is_a_usage_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("api: {listen: 9000}\n")
     assert command_main(["-c", str(bad), "p", "c"]) == EXIT_USAGE
-    assert "api.listen: expected \"host:port\", got 9000" in capsys.readouterr().err
+    assert 'api.listen: expected "host:port", got 9000' in capsys.readouterr().err
 
 
 # --- end to end against a real listening API ------------------------------------------------------

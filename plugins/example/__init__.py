@@ -35,6 +35,7 @@ from gatewayd.schema import (
     ConfigModel,
     HostPort,
     PositiveDuration,
+    count_argument,
     host_port_argument,
     split_host_port,
 )
@@ -239,7 +240,7 @@ class ThermometerSimulator(Simulator):
             metavar="HOST:PORT",
             help="plugin address",
         )
-        parser.add_argument("--devices", type=int, default=3)
+        parser.add_argument("--devices", type=count_argument, default=3, help="how many")
         parser.add_argument("--interval", type=float, default=2.0, help="seconds per reading")
 
     @classmethod

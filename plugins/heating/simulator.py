@@ -32,7 +32,7 @@ from twisted.internet import defer
 
 from gatewayd.mqtt import CONNECTED, BrokerConfig, MqttClient, MqttError, Will
 from gatewayd.plugin import Simulator
-from gatewayd.schema import host_port_argument, read_secret, split_host_port
+from gatewayd.schema import count_argument, host_port_argument, read_secret, split_host_port
 
 __all__ = ["HeatingSimulator", "SimulatedGateway", "SimulatedMeter", "bcd_le"]
 
@@ -452,8 +452,8 @@ class HeatingSimulator(Simulator):
             metavar="HOST:PORT",
             help="MQTT broker",
         )
-        parser.add_argument("--gateways", type=int, default=1, help="number of gateways")
-        parser.add_argument("--meters", type=int, default=3, help="meters per gateway")
+        parser.add_argument("--gateways", type=count_argument, default=1, help="number of gateways")
+        parser.add_argument("--meters", type=count_argument, default=3, help="meters per gateway")
         parser.add_argument(
             "--interval", type=float, default=10.0, help="seconds between two reports of a meter"
         )

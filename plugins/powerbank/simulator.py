@@ -53,7 +53,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from gatewayd.plugin import Simulator
-from gatewayd.schema import host_port_argument, split_host_port
+from gatewayd.schema import count_argument, host_port_argument, split_host_port
 
 __all__ = ["PowerbankSimulator", "SimulatedCabinet", "SimulatorOptions"]
 
@@ -109,6 +109,7 @@ class SimulatorStats:
     duplicates: int = 0
     queries: int = 0
     bad_lines: int = 0
+    connect_failures: int = 0
 
 
 class CabinetLink(protocol.Protocol):
@@ -169,7 +170,7 @@ class _ClientFactory(protocol.ClientFactory):
         return CabinetLink(self.cabinet)
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
-        self.cabinet.connect_failed()
+        self.cabinet.connect_failed(reason.getErrorMessage())
 
 
 class SimulatedCabinet:
@@ -222,7 +223,15 @@ class SimulatedCabinet:
         host, port = self.sim.address
         self.reactor.connectTCP(host, port, _ClientFactory(self), timeout=10)
 
-    def connect_failed(self) -> None:
+    def connect_failed(self, error: str = "") -> None:
+        stats = self.sim.stats
+        stats.connect_failures += 1
+        if stats.connect_failures == 1:  # the first says why; the summary counts the rest
+            log.warn(
+                "powerbank simulator: cannot connect to {target}: {error}; retrying",
+                target=self.sim.target,
+                error=error,
+            )
         self._reconnect_later()
 
     def link_made(self, link: CabinetLink) -> None:
@@ -471,7 +480,7 @@ class PowerbankSimulator(Simulator):
             metavar="HOST:PORT",
             help="the plugin's listen",
         )
-        add("--cabinets", type=int, default=defaults.cabinets, help="how many cabinets")
+        add("--cabinets", type=count_argument, default=defaults.cabinets, help="how many cabinets")
         add("--heartbeat", type=float, default=defaults.heartbeat, metavar="SECONDS")
         add(
             "--first-imei",
