@@ -537,7 +537,10 @@ class ReaderBackend:
         self._set_state("ready", atr)
 
     async def close(self) -> Result:
-        """Power the card off; calls fail with 202 until open_device (203 if it cannot)."""
+        """Power the card off; calls fail with 202 until open_device (203 if it cannot, or if
+        it was not open: as the soft backend answers)."""
+        if not self.wanted_open:
+            raise EsamError(DEVICE_CLOSE_FAILED, "not_open", "the device is not open")
         self.wanted_open = False
         if not self.link.is_up:
             self._set_state("closed")

@@ -349,6 +349,7 @@ def test_backend_codes_no_card_wrong_card_closed_and_refusals():
     run(backend.call("open_device", {"reader_type": 0}))
     assert run(backend.call("close_device", {})) == {}
     assert code_of(backend.call("infrared_rand", {})) == 202
+    assert code_of(backend.call("close_device", {})) == 203  # not open: as the soft backend
     run(backend.call("open_device", {"reader_type": 0}))
     bad = dict(calls()["mac_check"], mac="00000000")
     assert code_of(backend.call("mac_check", validate_arguments("mac_check", bad))) == 810
