@@ -25,7 +25,7 @@ from gatewayd.protocols.powerbank import (
     crc_detect,
     decode_for_cli,
 )
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from twisted.internet import defer
 
 from gatewayd.plugin import Device, Plugin, command
@@ -144,6 +144,23 @@ class CrcConfig(ConfigModel):
 
 class PowerbankConfig(PluginConfig):
     """``plugins.<name>`` with ``type: powerbank`` (README.md documents every key)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _crc_mode_spelling(cls, data: Any) -> Any:
+        """``crc_mode:`` (the spelling of the original specification) is ``crc.mode``."""
+        if not isinstance(data, dict) or "crc_mode" not in data:
+            return data
+        data = dict(data)
+        mode = data.pop("crc_mode")
+        crc = data.get("crc")
+        if crc is None:
+            data["crc"] = {"mode": mode}
+        elif isinstance(crc, dict):
+            if "mode" in crc:
+                raise ValueError("give crc.mode or crc_mode, not both")
+            data["crc"] = {**crc, "mode": mode}
+        return data
 
     listen: HostPort = "0.0.0.0:9000"
     max_line: int = Field(512, ge=64, le=65536)

@@ -192,6 +192,14 @@ def test_config_errors_name_the_problem(tmp_path):
     assert PowerbankConfig(type="powerbank", allow_imei=[860000000000001]).allow_imei == [IMEI]
 
 
+def test_crc_mode_spelling_of_the_specification_still_works():
+    assert PowerbankConfig(type="powerbank", crc_mode="log").crc.mode == "log"
+    both = PowerbankConfig(type="powerbank", crc_mode="off", crc={"algorithm": "xmodem"}).crc
+    assert (both.mode, both.algorithm) == ("off", "xmodem")
+    with pytest.raises(ValueError, match="give crc.mode or crc_mode, not both"):
+        PowerbankConfig(type="powerbank", crc_mode="off", crc={"mode": "log"})
+
+
 def test_crc_config_choices_are_the_codecs():
     fields = CrcConfig.model_fields
     assert set(fields["algorithm"].annotation.__args__) == set(crc_module.ALGORITHMS)
