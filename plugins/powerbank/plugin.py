@@ -71,8 +71,8 @@ def _bank(value: Any) -> str:
     """1..32 letters or digits, as a string (a YAML number would lose leading zeros)."""
     if not isinstance(value, str):
         raise ValueError(
-            f'a power bank id is 1..32 letters or digits, quoted in YAML ("0000000012"), '
-            f"got {value!r}"
+            f'a power bank id is a string of 1..32 letters or digits ("0000000012"; quote it in '
+            f"a config file), got {value!r}"
         )
     if not BANK_PATTERN.fullmatch(value):
         raise ValueError(f"a power bank id is 1..32 letters or digits, got {value!r}")

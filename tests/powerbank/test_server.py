@@ -179,7 +179,7 @@ def test_config_defaults_and_idle_timeout_from_heartbeat():
 
 
 def test_config_errors_name_the_problem(tmp_path):
-    with pytest.raises(ValueError, match="quoted in YAML"):
+    with pytest.raises(ValueError, match="a string of 1..32 letters or digits"):
         PowerbankConfig(type="powerbank", banks=[12])
     with pytest.raises(ValueError, match="expected accept_all, a list"):
         PowerbankConfig(type="powerbank", banks="accept-all")
