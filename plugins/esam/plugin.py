@@ -39,7 +39,7 @@ from gatewayd.protocols.reader_framing import (
     describe_frame,
     framer_for,
 )
-from pydantic import Field, create_model, field_validator, model_validator
+from pydantic import Field, ValidationInfo, create_model, field_validator
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
@@ -97,18 +97,26 @@ class EsamConfig(PluginConfig):
             )
         return value
 
-    @model_validator(mode="after")
-    def _soft_needs_keys(self) -> EsamConfig:
-        if self.backend == "soft":
-            if self.key_file is None:
-                raise ValueError("key_file: required with backend: soft")
+    # Field validators (not a model validator) so that check-config points at the key's line.
+    @field_validator("key_file")
+    @classmethod
+    def _soft_needs_keys(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if info.data.get("backend") == "soft":
+            if value is None:
+                raise ValueError("required with backend: soft")
             try:
-                load_key_file(self.key_file)  # mode, format: reported by check-config too
+                load_key_file(value)  # mode, format: reported by check-config too
             except KeyFileError as exc:
-                raise ValueError(f"key_file: {exc}") from None
-        if self.reconnect_max < self.reconnect_initial:
-            raise ValueError("reconnect_max: must be at least reconnect_initial")
-        return self
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("reconnect_max")
+    @classmethod
+    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
+        initial = info.data.get("reconnect_initial")
+        if initial is not None and value < initial:
+            raise ValueError(f"must be at least reconnect_initial ({initial:g} s)")
+        return value
 
 
 # --- command argument models (for the API's listing; validation is the library's) ----------------
