@@ -93,6 +93,24 @@ async def test_sqlite_rows_and_idempotent_replays(tmp_path: Path, as_batch: bool
 
 
 @pytest_twisted.ensureDeferred
+async def test_sqlite_retention_deletes_events_older_than_it(tmp_path: Path) -> None:
+    config = SqliteSink.Config(type="sqlite", retention="1d")
+    sink = SqliteSink("store", config, context(tmp_path))
+    old, recent = make_events(3), make_events(2, start=3)
+    for event in old:
+        event.ts = "2020-01-01T00:00:00.000000+00:00"
+    await sink.open()
+    try:
+        await sink.write(old + recent)  # the first write also expires
+    finally:
+        await sink.close()
+    assert table(tmp_path / "events.db") == sorted(as_row(e) for e in recent)
+    assert sink.expired == 3
+    with pytest.raises(ValueError, match="more than 0"):
+        SqliteSink.Config(type="sqlite", retention=0)
+
+
+@pytest_twisted.ensureDeferred
 async def test_sqlite_keeps_nul_characters_whole(tmp_path: Path) -> None:
     """SQLite's json_extract ends a string at a NUL; such events are taken apart in Python."""
     sink = SqliteSink("store", SqliteSink.Config(type="sqlite"), context(tmp_path))

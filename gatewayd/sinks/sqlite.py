@@ -6,17 +6,23 @@ delivered again after a crash (same ``id``) is skipped and counted in ``duplicat
 never duplicate rows. WAL mode lets other processes read while the gateway writes; each batch is
 one transaction, ``synchronous`` as configured (``full`` by default: an acknowledged event is on
 disk even after a power loss, since the queue deletes it once the sink acknowledged it).
+
+``retention`` (a duration; default: keep everything) deletes events older than that, at most once
+a minute and a bounded number of rows at a time, so the file stops growing at the size of one
+retention period (SQLite reuses the freed pages).
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
 from gatewayd.events import Event, EventDecodeError, encode_json
-from gatewayd.schema import SinkConfig
+from gatewayd.schema import PositiveDuration, SinkConfig
 from gatewayd.sinks.base import BlockingSink
 
 __all__ = ["SqliteSink", "SCHEMA"]
@@ -49,6 +55,10 @@ SELECT json_extract(j, '$.id'), json_extract(j, '$.ts'), json_extract(j, '$.gate
 FROM (SELECT ? AS j) WHERE json_valid(j)
 """
 _encode_data = encode_json
+#: Old events go in batches (one short transaction each) so a first run on a big file is gentle.
+_EXPIRE = "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE ts < ? LIMIT ?)"
+EXPIRY_INTERVAL = 60.0
+EXPIRY_BATCH = 10_000
 
 
 class SqliteSink(BlockingSink):
@@ -60,6 +70,8 @@ class SqliteSink(BlockingSink):
         path: Path = Path("events.db")
         #: SQLite ``synchronous``: ``full`` survives power loss, ``normal`` a process crash.
         synchronous: Literal["full", "normal"] = "full"
+        #: Delete events older than this (by ``ts``); null keeps every event.
+        retention: PositiveDuration | None = None
 
     config: Config
 
@@ -77,6 +89,8 @@ class SqliteSink(BlockingSink):
             conn.close()
             raise
         self._conn: sqlite3.Connection | None = conn
+        self._next_expiry = 0.0
+        self.expired = 0
 
     def write_blocking(self, events: Sequence[Event]) -> None:
         conn = self._conn
@@ -103,12 +117,25 @@ class SqliteSink(BlockingSink):
                 conn.execute("ROLLBACK")
             raise
         ignored = count - (conn.total_changes - before)
+        if self.config.retention is not None and time.monotonic() >= self._next_expiry:
+            self._next_expiry = time.monotonic() + EXPIRY_INTERVAL
+            self.expire_blocking()
         if ignored and payloads is not None:
             # Rare (replays after a crash): tell duplicates from entries that are not events;
             # decoding the batch lists the latter in ``events.invalid`` for the delivery loop.
             len(events)
             ignored -= len(getattr(events, "invalid", ()))
         self.duplicates += ignored
+
+    def expire_blocking(self, now: float | None = None) -> int:
+        """Delete events older than ``retention`` (a bounded batch per call); returns how many."""
+        conn = self._conn
+        assert conn is not None and self.config.retention is not None
+        cutoff = (now if now is not None else time.time()) - self.config.retention
+        cutoff_text = datetime.fromtimestamp(cutoff, UTC).isoformat(timespec="microseconds")
+        deleted = conn.execute(_EXPIRE, (cutoff_text, EXPIRY_BATCH)).rowcount
+        self.expired += deleted
+        return deleted
 
     def close_blocking(self) -> None:
         conn, self._conn = getattr(self, "_conn", None), None
