@@ -56,8 +56,8 @@ log = Logger(namespace="gatewayd.plugins.powerbank.state")
 #: emit(type, device, data, raw) -> Deferred firing with None once the event is durable.
 Emit = Callable[[str, str | None, dict[str, Any], str | None], defer.Deferred]
 
-#: Answers remembered per cabinet for duplicates: expired ones go once there are PURGE_AT, and
-#: beyond MAX_REMEMBERED the oldest go too, so a cabinet flooding distinct packets stays small.
+#: Answers (and closed lends) remembered per cabinet: expired ones go once there are PURGE_AT,
+#: and beyond MAX_REMEMBERED the oldest go too, so neither grows with months of traffic.
 PURGE_AT = 16
 MAX_REMEMBERED = 64
 
@@ -500,8 +500,14 @@ class CabinetRegistry:
         _settle(lend.result, Failure(DeviceTimeout(message)))
 
     def _close_lend(self, cabinet: Cabinet, lend: PendingLend, outcome: str) -> None:
-        expires = self.clock.seconds() + self.settings.duplicate_window
-        cabinet.closed_lends[(lend.slot, lend.bank)] = (outcome, expires)
+        now = self.clock.seconds()
+        closed = cabinet.closed_lends
+        if len(closed) >= PURGE_AT:  # a result comes within the window or not at all
+            for key in [k for k, (_, expires) in closed.items() if expires <= now]:
+                del closed[key]
+            while len(closed) >= MAX_REMEMBERED:
+                del closed[next(iter(closed))]
+        closed[(lend.slot, lend.bank)] = (outcome, now + self.settings.duplicate_window)
         self._cancel(lend.timer)
         lend.timer = None
 

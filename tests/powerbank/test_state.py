@@ -315,6 +315,17 @@ def test_lend_timeout_when_the_bank_is_still_in_the_slot():
     assert flows.registry.cabinets[IMEI].lend is None  # the next lend may go
 
 
+def test_months_of_timed_out_lends_leave_a_bounded_record():
+    flows = Flows(durable="now", lend_timeout=20, query_timeout=10)
+    flows.connect()
+    for n in range(300):  # each lend times out, its bank never comes back to that slot
+        results(flows.registry.lend(IMEI, n % 3 + 1, f"{n:010d}"))
+        flows.clock.advance(20)  # no MC: ask for the status
+        flows.clock.advance(10)  # no answer either: lend.timeout
+    assert len(flows.data("lend.timeout")) == 300
+    assert len(flows.registry.cabinets[IMEI].closed_lends) <= MAX_REMEMBERED
+
+
 def test_lend_timeout_when_the_status_query_is_not_answered_either():
     flows = Flows(durable="now", lend_timeout=20, query_timeout=10)
     flows.connect()
