@@ -111,6 +111,26 @@ async def test_sqlite_retention_deletes_events_older_than_it(tmp_path: Path) -> 
 
 
 @pytest_twisted.ensureDeferred
+async def test_sqlite_retention_keeps_up_while_batches_come_back_full(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gatewayd.sinks.sqlite.EXPIRY_BATCH", 2)
+    sink = SqliteSink("store", SqliteSink.Config(type="sqlite", retention="1d"), context(tmp_path))
+    old = make_events(5)
+    for event in old:
+        event.ts = "2020-01-01T00:00:00.000000+00:00"
+    await sink.open()
+    try:
+        await sink.write(old)
+        assert sink.expired == 2
+        for n, expected in ((10, 4), (11, 5), (12, 5)):  # 2 and 2 more, 1 more, then a pause
+            await sink.write(make_events(1, start=n))
+            assert sink.expired == expected
+    finally:
+        await sink.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_sqlite_keeps_nul_characters_whole(tmp_path: Path) -> None:
     """SQLite's json_extract ends a string at a NUL; such events are taken apart in Python."""
     sink = SqliteSink("store", SqliteSink.Config(type="sqlite"), context(tmp_path))

@@ -7,8 +7,9 @@ never duplicate rows. WAL mode lets other processes read while the gateway write
 one transaction, ``synchronous`` as configured (``full`` by default: an acknowledged event is on
 disk even after a power loss, since the queue deletes it once the sink acknowledged it).
 
-``retention`` (a duration; default: keep everything) deletes events older than that, at most once
-a minute and a bounded number of rows at a time, so the file stops growing at the size of one
+``retention`` (a duration; default: keep everything) deletes events older than that, in batches
+of ``EXPIRY_BATCH`` rows after a write: once a minute, or after every write while a batch comes
+back full, so it keeps up with any event rate. The file stops growing at the size of one
 retention period (SQLite reuses the freed pages).
 """
 
@@ -84,6 +85,7 @@ class SqliteSink(BlockingSink):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.config.synchronous.upper()}")
             conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA journal_size_limit=67108864")  # a WAL once large shrinks back
             conn.executescript(SCHEMA)
         except BaseException:
             conn.close()
@@ -118,8 +120,9 @@ class SqliteSink(BlockingSink):
             raise
         ignored = count - (conn.total_changes - before)
         if self.config.retention is not None and time.monotonic() >= self._next_expiry:
-            self._next_expiry = time.monotonic() + EXPIRY_INTERVAL
-            self.expire_blocking()
+            # A full batch means more are due: go on with the next write, else in a minute.
+            full = self.expire_blocking() >= EXPIRY_BATCH
+            self._next_expiry = time.monotonic() + (0.0 if full else EXPIRY_INTERVAL)
         if ignored and payloads is not None:
             # Rare (replays after a crash): tell duplicates from entries that are not events;
             # decoding the batch lists the latter in ``events.invalid`` for the delivery loop.
