@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from gatewayd.delivery import EventBatch
 from gatewayd.events import Event
 from gatewayd.registry import SINK_GROUP, load
-from gatewayd.sinks.base import SinkContext
+from gatewayd.schema import SinkConfig
+from gatewayd.sinks.base import BlockingSink, SinkBusy, SinkContext
 from gatewayd.sinks.jsonl import JsonlSink
 from gatewayd.sinks.sqlite import SqliteSink
 from gatewayd.sinks.stdout import StdoutSink
@@ -247,3 +248,34 @@ def test_stdout_pretty_and_default_stream(capsys: pytest.CaptureFixture[str]) ->
     sink.write([event])
     out = capsys.readouterr().out
     assert out.count("\n") > 5 and json.loads(out) == event.to_dict()
+
+
+class _StuckSink(BlockingSink):
+    """write_blocking waits until the test lets it go."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.writes = 0
+
+    def write_blocking(self, events) -> None:
+        self.writes += 1
+        self.release.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blocking_write_that_has_not_returned_is_not_queued_again(tmp_path: Path) -> None:
+    sink = _StuckSink("stuck", SinkConfig(type="stuck"), context(tmp_path))
+    await sink.open()
+    try:
+        first = sink.write(make_events(1))
+        for _ in range(3):  # the delivery loop's retries after write_timeout
+            with pytest.raises(SinkBusy, match="previous write has not returned"):
+                await sink.write(make_events(1))
+        sink.release.set()
+        await first
+        await sink.write(make_events(1))  # free again
+        assert sink.writes == 2
+    finally:
+        sink.release.set()
+        await sink.close()

@@ -71,13 +71,21 @@ class Sink:
         return path if path.is_absolute() else Path(self.context.state_dir) / path
 
 
+class SinkBusy(Exception):
+    """A blocking sink's previous write is still running on its thread (retried later)."""
+
+
 class BlockingSink(Sink):
     """A sink whose destination is blocking I/O (a file, SQLite): it runs on its own thread.
 
     Implement ``open_blocking``, ``write_blocking(events)`` and ``close_blocking``. They run in
     call order on one thread per sink, so they need no locks and never block the reactor. A write
-    abandoned after ``write_timeout`` keeps the thread: the retry runs after it, never beside it.
+    abandoned after ``write_timeout`` keeps the thread: until it returns, each retry fails at once
+    (``SinkBusy``) rather than queueing behind it, so a day-long stall does not end in hundreds
+    of copies of one batch.
     """
+
+    _write_running = False  # set by write(), cleared on the sink's thread when it returns
 
     def open_blocking(self) -> None:
         """Prepare the destination (runs on the sink's thread)."""
@@ -95,7 +103,19 @@ class BlockingSink(Sink):
         return self._worker.call(self.open_blocking)
 
     def write(self, events: Sequence[Event]) -> defer.Deferred:
-        return self._worker.call(self.write_blocking, events)
+        if self._write_running:
+            return defer.fail(
+                SinkBusy(f"sink {self.name}: the previous write has not returned (blocked I/O?)")
+            )
+        self._write_running = True
+
+        def run() -> None:
+            try:
+                self.write_blocking(events)
+            finally:
+                self._write_running = False
+
+        return self._worker.call(run)
 
     def close(self) -> defer.Deferred | None:
         worker, self._worker = getattr(self, "_worker", None), None
