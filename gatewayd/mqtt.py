@@ -192,6 +192,7 @@ class LinkStats:
     messages_out: int = 0
     publish_failures: int = 0
     handler_errors: int = 0
+    not_durable: int = 0  # messages whose handler's Deferred failed (events not stored)
     last_error: str | None = None
 
 
@@ -330,6 +331,7 @@ class MqttClient:
             jitter=lambda: self._rng.uniform(0, config.reconnect_initial),
         )
         self._failures = 0
+        self._not_durable_logged_at: float | None = None
         self._generation = 0  # bumped per connection: acks never cross connections
         self._client: paho.Client | None = None
         self._descriptor: _SocketDescriptor | None = None
@@ -500,6 +502,10 @@ class MqttClient:
             "handler_errors": (
                 "Received MQTT messages whose handler raised",
                 lambda: stats.handler_errors,
+            ),
+            "not_durable": (
+                "Received MQTT messages whose events could not be stored",
+                lambda: stats.not_durable,
             ),
         }
         for key, (help_text, read) in gauges.items():
@@ -741,17 +747,28 @@ class MqttClient:
                     result.addBoth(self._ack_later, mid, qos, generation)
                 else:
                     self._ack_later(None, mid, qos, generation)
+            elif isinstance(result, defer.Deferred):  # nothing to acknowledge: note a failure
+                result.addErrback(self._not_durable, mid)
+
+    def _not_durable(self, failure: Any, mid: int) -> None:
+        """A message whose events could not be stored: counted, logged at most every 10 s."""
+        self.stats.handler_errors += 1
+        self.stats.not_durable += 1
+        now = self.reactor.seconds()
+        if self._not_durable_logged_at is None or now - self._not_durable_logged_at >= 10.0:
+            self._not_durable_logged_at = now
+            self.log.error(
+                "MQTT {name}: message {mid} was not made durable ({count} so far): {error}",
+                name=self.name,
+                mid=mid,
+                count=self.stats.not_durable,
+                error=getattr(failure, "getErrorMessage", lambda: str(failure))(),
+            )
 
     def _ack_later(self, result: Any, mid: int, qos: int, generation: int) -> None:
         """Acknowledge once the handler's work is durable; never on a later connection."""
         if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
-            self.stats.handler_errors += 1
-            self.log.error(
-                "MQTT {name}: message {mid} was not made durable: {error}",
-                name=self.name,
-                mid=mid,
-                error=getattr(result, "getErrorMessage", lambda: str(result))(),
-            )
+            self._not_durable(result, mid)
         if generation == self._generation and self.connected and self._client is not None:
             self._client.ack(mid, qos)
         return None

@@ -224,6 +224,10 @@ class PluginMetrics:
 # --- the context the core hands a plugin --------------------------------------------------------
 
 
+#: Seconds between two log lines about events that could not be stored (one plugin).
+NOT_STORED_LOG_INTERVAL = 10.0
+
+
 class PluginContext:
     """What a plugin gets from the core: reactor, state dir, logger, emit and failure reporting."""
 
@@ -247,6 +251,13 @@ class PluginContext:
         self.metrics = PluginMetrics()
         self._sink = sink
         self._on_failure = on_failure
+        self.not_stored = 0  # events record() could not make durable
+        self._not_stored_logged_at: float | None = None
+        self.metrics.gauge(
+            "events_not_stored_total",
+            "Events no device waited for that could not be stored (see the log)",
+            lambda: self.not_stored,
+        )
 
     def emit(
         self,
@@ -272,6 +283,34 @@ class PluginContext:
         if type == "frame.invalid":
             self.metrics.frames_invalid += 1
         return self._sink(event)
+
+    def record(
+        self,
+        type: str,
+        device: str | None = None,
+        data: dict[str, Any] | None = None,
+        raw: str | None = None,
+    ) -> None:
+        """Emit an event nothing waits for (``device.online``, ``frame.invalid``...).
+
+        A failure to store it (disk full) is counted and logged at most once per
+        ``NOT_STORED_LOG_INTERVAL`` seconds, instead of one traceback per event.
+        """
+        self.emit(type, device, data, raw).addErrback(self.note_not_stored)
+
+    def note_not_stored(self, failure: Any) -> None:
+        """Errback for an event that could not be stored and that nobody acknowledges."""
+        self.not_stored += 1
+        now = self.reactor.seconds()
+        last = self._not_stored_logged_at
+        if last is None or now - last >= NOT_STORED_LOG_INTERVAL:
+            self._not_stored_logged_at = now
+            self.log.error(
+                "plugin {plugin}: an event could not be stored ({count} so far): {error}",
+                plugin=self.name,
+                count=self.not_stored,
+                error=failure.getErrorMessage(),
+            )
 
     def guard(self, function: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap a callback: an exception is logged and marks the plugin failed, never propagates."""

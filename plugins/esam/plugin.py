@@ -360,7 +360,7 @@ class EsamPlugin(Plugin):
         self._refresh_online()
 
     def _rejected(self, rejected: Rejected) -> None:
-        self.context.emit(
+        self.context.record(
             "frame.invalid",
             self.device_id,
             {"reason": rejected.reason, "bytes": len(rejected.raw)},
@@ -383,9 +383,11 @@ class EsamPlugin(Plugin):
             return
         self.online = online
         if online:
-            self.context.emit("device.online", self.device_id, self._state_details())
+            self.context.record("device.online", self.device_id, self._state_details())
         else:
-            self.context.emit("device.offline", self.device_id, {"reason": self._offline_reason()})
+            self.context.record(
+                "device.offline", self.device_id, {"reason": self._offline_reason()}
+            )
 
     def _offline_reason(self) -> str:
         if self.soft is not None or self.reader is None:
@@ -492,4 +494,4 @@ class EsamPlugin(Plugin):
         data = operation.event_data()
         data["outcome"] = outcome
         data["queued_ms"] = round(queued * 1000, 3)
-        self.context.emit("esam.operation", self.device_id, data)
+        self.context.record("esam.operation", self.device_id, data)

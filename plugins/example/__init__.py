@@ -74,13 +74,13 @@ class ThermometerProtocol(LineOnlyReceiver):
             return
         match = READING.fullmatch(text)
         if match is None:
-            self.plugin.context.emit("frame.invalid", self.device, {"reason": "format"}, raw=text)
+            self.plugin.context.record("frame.invalid", self.device, {"reason": "format"}, raw=text)
             self.send("ERR format")
             return
         self.plugin.reading(self, match["device"], float(match["celsius"]), text)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.plugin.context.emit("frame.invalid", self.device, {"reason": "length"})
+        self.plugin.context.record("frame.invalid", self.device, {"reason": "length"})
         self.transport.loseConnection()
 
     def send(self, text: str) -> None:
@@ -120,7 +120,7 @@ class ThermometerPlugin(Plugin):
             if old is not None and old is not conn:
                 old.transport.loseConnection()
             self.connections[device] = conn
-            self.context.emit("device.online", device)
+            self.context.record("device.online", device)
         self.last_seen[device] = time.time()
         durable = self.context.emit("reading", device, {"celsius": celsius}, raw=raw)
         # Acknowledge only once the event is safe on disk: a device that got OK may forget it.
@@ -142,7 +142,7 @@ class ThermometerPlugin(Plugin):
             ping.errback(DeviceTimeout(f"{conn.device} disconnected"))
         if conn.device and self.connections.get(conn.device) is conn:
             del self.connections[conn.device]
-            self.context.emit("device.offline", conn.device, {"reason": "closed"})
+            self.context.record("device.offline", conn.device, {"reason": "closed"})
 
     def devices(self) -> list[Device]:
         return [

@@ -274,7 +274,7 @@ class HeatingPlugin(Plugin):
         now = self.reactor.seconds()
         for gateway in self.registry.silent(self.config.offline_after, since):
             gateway.online = False
-            self.context.emit(
+            self.context.record(
                 "device.offline",
                 gateway.gw_id,
                 {
@@ -618,7 +618,7 @@ class HeatingPlugin(Plugin):
         d.addCallback(to_result)
 
         def succeeded(result: Any) -> Any:
-            self.context.emit(
+            self.context.record(
                 "command.result",
                 gw_id,
                 {"command": name, "msg_id": pending.msg_id, "ok": True, "result": result},
@@ -631,7 +631,7 @@ class HeatingPlugin(Plugin):
                 described = error.to_dict()
             else:
                 described = {"code": type(error).__name__, "message": str(error)}
-            self.context.emit(
+            self.context.record(
                 "command.result",
                 gw_id,
                 {"command": name, "msg_id": pending.msg_id, "ok": False, "error": described},

@@ -268,6 +268,7 @@ class PowerbankPlugin(Plugin):
             ),
             is_allowed=(lambda imei: True) if allowed is None else allowed.__contains__,
             accepts_bank=(lambda bank: True) if banks is None else banks.__contains__,
+            record=context.record,
         )
         rate = config.rate_limit
         self.server = CabinetServer(
@@ -363,7 +364,7 @@ class PowerbankPlugin(Plugin):
         try:
             decoded = self.codec.decode(frame)
         except PowerbankError as exc:
-            self.context.emit(
+            self.context.record(
                 "frame.invalid",
                 conn.imei or _claimed_imei(frame),
                 {"reason": exc.reason, "message": exc.message, "address": conn.address},
@@ -377,7 +378,7 @@ class PowerbankPlugin(Plugin):
         except Exception:  # a bug must cost one frame, not the connection or other cabinets
             self.internal_errors += 1
             self.log.failure("powerbank {plugin}: handling a frame failed", plugin=self.name)
-            self.context.emit(
+            self.context.record(
                 "frame.invalid",
                 conn.imei,
                 {
@@ -402,7 +403,7 @@ class PowerbankPlugin(Plugin):
             )
 
     def frame_too_long(self, conn: CabinetConnection, data: bytes) -> None:
-        self.context.emit(
+        self.context.record(
             "frame.invalid",
             conn.imei,
             {

@@ -164,8 +164,9 @@ class Cabinet:
 class CabinetRegistry:
     """The cabinets of one plugin instance and their flows (see the module docstring).
 
-    ``emit(type, imei, data, raw)`` records events; ``is_allowed(imei)`` and
-    ``accepts_bank(bank)`` are the ``allow_imei`` and ``banks`` policies.
+    ``emit(type, imei, data, raw)`` records events and returns their durability Deferred;
+    ``record`` (default: ``emit``) records those nothing waits for (``PluginContext.record``).
+    ``is_allowed(imei)`` and ``accepts_bank(bank)`` are the ``allow_imei`` and ``banks`` policies.
     """
 
     def __init__(
@@ -176,9 +177,11 @@ class CabinetRegistry:
         *,
         is_allowed: Callable[[str], bool] = lambda imei: True,
         accepts_bank: Callable[[str], bool] = lambda bank: True,
+        record: Callable[..., Any] | None = None,
     ) -> None:
         self.clock = clock
         self.emit = emit
+        self.record = record or emit
         self.settings = settings or FlowSettings()
         self.is_allowed = is_allowed
         self.accepts_bank = accepts_bank
@@ -197,7 +200,7 @@ class CabinetRegistry:
         cabinet.last_seen = self.clock.seconds()
         if isinstance(packet, Heartbeat):
             if self.settings.emit_heartbeats:
-                self.emit("heartbeat", cabinet.imei, {}, raw)
+                self.record("heartbeat", cabinet.imei, {}, raw)
         elif isinstance(packet, LendResult):
             self._lend_result(cabinet, packet, raw)
         elif isinstance(packet, ReturnQuery):
@@ -207,7 +210,7 @@ class CabinetRegistry:
         elif isinstance(packet, StatusReport):
             self._status_report(cabinet, packet, raw)
         else:  # a server -> device command sent by a device
-            self.emit(
+            self.record(
                 "frame.invalid",
                 cabinet.imei,
                 {
@@ -222,7 +225,7 @@ class CabinetRegistry:
         """The cabinet a frame on ``conn`` belongs to; binds the connection on its first frame."""
         if conn.imei is None:
             if not self.is_allowed(imei):
-                self.emit(
+                self.record(
                     "frame.invalid",
                     imei,
                     {
@@ -246,12 +249,12 @@ class CabinetRegistry:
                 cabinet.online_since = self.clock.seconds()
             else:  # the same cabinet on a new connection: GPRS modems leave the old one half-open
                 old.close("replaced")
-            self.emit(
+            self.record(
                 "device.online", imei, {"address": conn.address, "replaced": old is not None}, raw
             )
             return cabinet
         if conn.imei != imei:
-            self.emit(
+            self.record(
                 "frame.invalid",
                 conn.imei,
                 {
@@ -277,7 +280,9 @@ class CabinetRegistry:
         cabinet.connection = None
         cabinet.online_since = None
         self.online_count -= 1
-        self.emit("device.offline", cabinet.imei, {"reason": reason, "address": conn.address}, None)
+        self.record(
+            "device.offline", cabinet.imei, {"reason": reason, "address": conn.address}, None
+        )
 
     def stop(self) -> None:
         """Cancel every timer and fail every command still waiting (the plugin is stopping)."""
@@ -408,11 +413,11 @@ class CabinetRegistry:
         """AQ: inventory, ``slots.status``, ``alarm.slot_fault`` for newly faulted slots."""
         slots = slots_data(report.slots)
         cabinet.inventory = {entry["slot"]: entry for entry in slots}
-        self.emit("slots.status", cabinet.imei, {"slots": slots}, raw)
+        self.record("slots.status", cabinet.imei, {"slots": slots}, raw)
         faulted = {s.slot for s in report.slots if s.state is SlotState.FAULT}
         for status in report.slots:
             if status.slot in faulted and status.slot not in cabinet.faulted:
-                self.emit(
+                self.record(
                     "alarm.slot_fault",
                     cabinet.imei,
                     {"slot": status.slot, "bank": status.bank},
@@ -487,7 +492,7 @@ class CabinetRegistry:
         self._close_lend(cabinet, lend, "timeout")
         waited = self.clock.seconds() - lend.started
         data = {"slot": lend.slot, "bank": lend.bank, "bank_in_slot": in_slot, "why": why}
-        self.emit("lend.timeout", cabinet.imei, data, None)
+        self.record("lend.timeout", cabinet.imei, data, None)
         explain = {
             "bank_in_slot": "and its status still shows the bank in the slot",
             "no_status": "nor to the status query after it",
@@ -589,7 +594,7 @@ class CabinetRegistry:
         self._forget(cabinet, ReturnResult, packet.bank)  # a new return of this bank begins
         if not accepted:
             data = {"slot": packet.slot, "bank": packet.bank}
-            self.emit("return.rejected", cabinet.imei, data, raw)
+            self.record("return.rejected", cabinet.imei, data, raw)
         self._remember(cabinet, packet, packet.answer(accepted), None)
 
     def _return_result(self, cabinet: Cabinet, packet: ReturnResult, raw: str | None) -> None:
@@ -631,7 +636,7 @@ class CabinetRegistry:
                 data["outcome"] = outcome.get("outcome", "ok")
                 data["result"] = outcome
             data["seconds"] = round(self.clock.seconds() - started, 3)
-            self.emit("command.result", cabinet.imei, data, None)
+            self.record("command.result", cabinet.imei, data, None)
             return outcome
 
         return result.addBoth(report)
