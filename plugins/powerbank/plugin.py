@@ -352,6 +352,11 @@ class PowerbankPlugin(Plugin):
                 "Answers not sent: the cabinet had no connection then",
                 lambda: registry.replies_dropped,
             ),
+            (
+                "answers_withheld_total",
+                "Answers not sent because their event could not be stored (the cabinet resends)",
+                lambda: registry.not_stored,
+            ),
         ):
             metrics.gauge(name, help_text, read)
 

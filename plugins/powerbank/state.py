@@ -186,6 +186,8 @@ class CabinetRegistry:
         self.is_allowed = is_allowed
         self.accepts_bank = accepts_bank
         self.cabinets: dict[str, Cabinet] = {}
+        self.not_stored = 0  # answers withheld because their event could not be stored
+        self._not_stored_logged_at: float | None = None
         self.online_count = 0
         self.duplicates = 0
         self.replies_dropped = 0  # answers due while the cabinet had no connection
@@ -360,12 +362,18 @@ class CabinetRegistry:
             return True
 
         def not_stored(failure: Failure) -> bool:
-            log.error(
-                "cabinet {imei}: event not stored, {answer} not sent: {error}",
-                imei=cabinet.imei,
-                answer=answer.command,
-                error=failure.getErrorMessage(),
-            )
+            self.not_stored += 1
+            now = self.clock.seconds()
+            if self._not_stored_logged_at is None or now - self._not_stored_logged_at >= 10.0:
+                self._not_stored_logged_at = now  # the cabinets resend: say it every 10 s
+                log.error(
+                    "cabinet {imei}: event not stored, {answer} not sent ({count} so far, "
+                    "the cabinet will resend): {error}",
+                    imei=cabinet.imei,
+                    answer=answer.command,
+                    count=self.not_stored,
+                    error=failure.getErrorMessage(),
+                )
             if replies.get(packet) is reply:
                 del replies[packet]
             return False
