@@ -169,9 +169,7 @@ class DaemonCollector:
     def _devices_online(self, name: str, plugin: Any) -> int | None:
         if plugin is None:
             return 0
-        return self._guarded(
-            name, "devices", lambda: sum(1 for device in plugin.devices() if device.online)
-        )
+        return self._guarded(name, "devices", plugin.devices_online)
 
     def _plugin_gauges(
         self,

@@ -371,6 +371,13 @@ class Plugin:
         """The devices this plugin knows, online or not."""
         return []
 
+    def devices_online(self) -> int:
+        """How many of ``devices()`` are online (``/metrics`` reads it at every scrape).
+
+        Override it when building ``devices()`` is costly (the heating plugin knows every meter).
+        """
+        return sum(1 for device in self.devices() if device.online)
+
     def commands(self) -> dict[str, Command]:
         """The commands this plugin accepts, found from its ``@command`` methods."""
         found: dict[str, Command] = {}

@@ -526,6 +526,10 @@ class HeatingPlugin(Plugin):
 
     # --- devices ---------------------------------------------------------------------------
 
+    def devices_online(self) -> int:
+        """Online gateways and their meters, counted without listing every meter."""
+        return sum(1 + len(g.meters) for g in self.registry.gateways.values() if g.online)
+
     def devices(self) -> list[Device]:
         """Gateways (``kind: gateway``) and the meters seen behind them (``kind: meter``)."""
         listed = []

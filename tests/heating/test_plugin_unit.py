@@ -632,6 +632,8 @@ def test_gauges():
     assert gauges["gateways_known"] == 1 and gauges["gateways_online"] == 1
     assert gauges["meters_known"] == 1 and gauges["mqtt_connected"] == 1.0
     assert gauges["commands_in_flight"] == 0
+    online = sum(1 for device in harness.plugin.devices() if device.online)
+    assert harness.plugin.devices_online() == online == 2  # the gateway and its meter
 
 
 def test_decoders_are_registered_for_the_cli():
