@@ -244,6 +244,16 @@ class HeatingPlugin(Plugin):
         metrics.gauge("gateways_online", "Gateways online", lambda: registry.counts()[1])
         metrics.gauge("meters_known", "Meters seen in reports", lambda: registry.counts()[2])
         metrics.gauge(
+            "gateways_untracked_total",
+            "Messages from new gateways while max_gateways were known and online",
+            lambda: registry.untracked,
+        )
+        metrics.gauge(
+            "gateways_forgotten_total",
+            "Offline gateways forgotten to make room for new ones (max_gateways)",
+            lambda: registry.forgotten,
+        )
+        metrics.gauge(
             "commands_in_flight",
             "Commands waiting for a gateway",
             lambda: len(self.correlator.pending),
@@ -334,6 +344,14 @@ class HeatingPlugin(Plugin):
             return self._on_last_will(message)
         emits: list[defer.Deferred] = []
         gateway, came_online = self.registry.heard(message.gw_id)
+        if gateway is None and self.registry.untracked == 1:
+            self.log.warn(
+                "max_gateways ({limit}) gateways are known and online: gateway {gw_id} and any "
+                "further new ones are not tracked (no device.online, no offline detection, "
+                "commands 404); counted in gateways_untracked_total",
+                limit=self.registry.max_gateways,
+                gw_id=message.gw_id,
+            )
         if came_online is not None:
             emits.append(
                 self.context.emit(

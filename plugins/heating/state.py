@@ -61,7 +61,8 @@ class GatewayRegistry:
         self.clock = clock
         self.max_gateways = max_gateways
         self.gateways: dict[str, Gateway] = {}
-        self.untracked = 0  # messages from gateways beyond max_gateways
+        self.untracked = 0  # messages from gateways beyond max_gateways, all of them online
+        self.forgotten = 0  # offline gateways dropped to make room for new ones
 
     def get(self, gw_id: str) -> Gateway | None:
         return self.gateways.get(gw_id)
@@ -75,7 +76,7 @@ class GatewayRegistry:
         gateway = self.gateways.get(gw_id)
         came_online: str | None = None
         if gateway is None:
-            if len(self.gateways) >= self.max_gateways:
+            if not self._make_room():
                 self.untracked += 1
                 return None, None
             gateway = self.gateways[gw_id] = Gateway(gw_id)
@@ -91,13 +92,26 @@ class GatewayRegistry:
         """Mark ``gw_id`` offline (its last will); True if that is a change worth an event."""
         gateway = self.gateways.get(gw_id)
         if gateway is None:
-            if len(self.gateways) >= self.max_gateways:
+            if not self._make_room():
                 return False
             self.gateways[gw_id] = Gateway(gw_id, online=False)
             return True
         if not gateway.online:
             return False
         gateway.online = False
+        return True
+
+    def _make_room(self) -> bool:
+        """Room for one more gateway: when full, the one offline longest is forgotten (a
+        decommissioned gateway must not lock out a new one); False if all are online."""
+        if len(self.gateways) < self.max_gateways:
+            return True
+        offline = [g for g in self.gateways.values() if not g.online]
+        if not offline:
+            return False
+        oldest = min(offline, key=lambda g: g.last_seen)
+        del self.gateways[oldest.gw_id]
+        self.forgotten += 1
         return True
 
     def silent(self, offline_after: float, since: float) -> list[Gateway]:

@@ -141,3 +141,17 @@ def test_registry_is_bounded():
     assert registry.heard("00000000003") == (None, None)
     assert registry.untracked == 1
     assert registry.went_offline("00000000003") is False
+
+
+def test_a_full_registry_forgets_the_gateway_offline_longest_for_a_new_one():
+    clock = Clock()
+    registry = GatewayRegistry(clock, max_gateways=3)
+    for n in (1, 2, 3):
+        registry.heard(f"0000000000{n}")
+        clock.advance(1)
+    registry.went_offline("00000000002")
+    registry.went_offline("00000000001")
+    gateway, came_online = registry.heard("00000000004")
+    assert gateway is not None and came_online == "first_seen"
+    assert set(registry.gateways) == {"00000000002", "00000000003", "00000000004"}
+    assert (registry.forgotten, registry.untracked) == (1, 0)
