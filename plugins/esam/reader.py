@@ -74,6 +74,11 @@ PARITIES = {
 }
 
 
+#: A port that stayed open this long reopens after a loss from the first backoff step; one
+#: that closes sooner (a loose cable) goes on backing off, so it cannot flood the log.
+STABLE_AFTER = 10.0
+
+
 class LinkDown(Exception):
     """The reader's port is not open (unplugged, not yet reopened, or stopped)."""
 
@@ -185,6 +190,8 @@ class ReaderLink:
         self.state = "stopped"  # stopped | down | up
         self.last_error: str | None = None
         self.attempts = 0
+        self._attempts_before_up = 0
+        self._up_since = 0.0
         self.bytes_in = self.bytes_out = 0
         self.frames_in = self.frames_out = 0
         self.stale_replies = 0
@@ -253,7 +260,8 @@ class ReaderLink:
         self._transport = transport
         self.connections += 1
         self.state = "up"
-        self.attempts = 0
+        self._up_since = self.reactor.seconds()
+        self._attempts_before_up, self.attempts = self.attempts, 0
         self.last_error = None
         self.framer.reset()
         log.info("{link}: port open", link=self.description)
@@ -272,6 +280,8 @@ class ReaderLink:
         self.last_error = "device closed"
         self._fail_pending(LinkDown(f"{self.description}: the device went away"))
         self.on_down(reason)
+        if self.reactor.seconds() - self._up_since < STABLE_AFTER:  # a flapping cable
+            self.attempts = self._attempts_before_up  # the backoff goes on where it was
         if self.state == "down" and self._retry is None:
             delay = self._schedule_retry()
             log.warn(

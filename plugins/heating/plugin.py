@@ -314,7 +314,12 @@ class HeatingPlugin(Plugin):
             return self._dispatch(topic, payload)
         except Exception as exc:
             self.handler_errors += 1
-            self.log.failure("heating: handling a message on {topic} failed", topic=topic)
+            if self.handler_errors % 1000 == 1:  # a bug hit by every message: not every time
+                self.log.failure(
+                    "heating: handling a message on {topic} failed ({count} so far)",
+                    topic=topic,
+                    count=self.handler_errors,
+                )
             return self._emit_invalid(
                 None,
                 "internal_error",
@@ -515,7 +520,7 @@ class HeatingPlugin(Plugin):
         pending = self.correlator.get(message.gw_id, MSG_TRANSPARENT)
         if pending is None:
             self.unsolicited += 1
-            self.log.info(
+            self.log.debug(
                 "msg 40 from {gw_id} matches no command in flight (late reply?)",
                 gw_id=message.gw_id,
             )

@@ -382,7 +382,12 @@ class PowerbankPlugin(Plugin):
             self.registry.packet_received(conn, decoded.packet, raw)
         except Exception:  # a bug must cost one frame, not the connection or other cabinets
             self.internal_errors += 1
-            self.log.failure("powerbank {plugin}: handling a frame failed", plugin=self.name)
+            if self.internal_errors % 1000 == 1:  # a bug hit by every frame: not every time
+                self.log.failure(
+                    "powerbank {plugin}: handling a frame failed ({count} so far)",
+                    plugin=self.name,
+                    count=self.internal_errors,
+                )
             self.context.record(
                 "frame.invalid",
                 conn.imei,

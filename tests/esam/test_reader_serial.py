@@ -13,6 +13,7 @@ import pytest_twisted
 import serial
 from gatewayd.plugins.esam import EsamPlugin
 from gatewayd.plugins.esam.reader import (
+    STABLE_AFTER,
     CardSlot,
     LinkDown,
     ReaderBackend,
@@ -154,6 +155,23 @@ def test_unplug_fails_the_pending_request_fast_and_reopens():
     opener.absent = False
     clock.advance(1.0)
     assert link.state == "up" and opener.attempts == 3
+
+
+def test_a_flapping_port_keeps_backing_off_and_a_stable_one_starts_over():
+    clock, opener = task.Clock(), Opener()
+    link = make_link(clock, opener)
+    link.start()
+    delays = []
+    for _ in range(5):  # open, then unplugged at once, five times
+        opener.ports[-1].unplug()
+        (call,) = clock.getDelayedCalls()
+        delays.append(call.getTime() - clock.seconds())
+        clock.advance(delays[-1])
+    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0]
+    clock.advance(STABLE_AFTER)  # this time the port stays up
+    opener.ports[-1].unplug()
+    (call,) = clock.getDelayedCalls()
+    assert call.getTime() - clock.seconds() == 0.5
 
 
 def test_timeout_then_a_late_reply_is_dropped_and_the_next_request_works():
