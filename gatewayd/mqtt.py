@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 from twisted.application.internet import backoffPolicy
 from twisted.internet import defer, threads
 from twisted.internet.interfaces import IReadDescriptor, IWriteDescriptor
@@ -56,7 +56,7 @@ from twisted.logger import Logger
 from twisted.python import threadable
 from zope.interface import implementer
 
-from gatewayd.schema import ConfigModel, Duration, PositiveDuration, Secret
+from gatewayd.schema import ConfigModel, Duration, PositiveDuration, Secret, at_least
 
 __all__ = [
     "CONNECTED",
@@ -153,13 +153,9 @@ class BrokerConfig(ConfigModel):
             raise ValueError("keepalive must be 1 s .. 65535 s")
         return value
 
-    @field_validator("reconnect_max")
-    @classmethod
-    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
-        initial = info.data.get("reconnect_initial")
-        if initial is not None and value < initial:
-            raise ValueError(f"must be at least reconnect_initial ({initial:g} s)")
-        return value
+    _reconnect_max_at_least_initial = field_validator("reconnect_max")(
+        at_least("reconnect_initial")
+    )
 
     @field_validator("client_id", "probe_topic")
     @classmethod

@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -151,6 +152,19 @@ def parse_byte_size(value: Any) -> int:
     raise ValueError(f"expected a size such as 64MiB or 1048576, got {_describe(value)}")
 
 
+def at_least(other: str) -> Callable[[Any, float, ValidationInfo], float]:
+    """A field validator: the value must not be below the (earlier) field ``other``, as a
+    reconnect_max below its reconnect_initial. Use: ``field_validator("x_max")(at_least("x"))``."""
+
+    def check(cls: Any, value: float, info: ValidationInfo) -> float:
+        floor = info.data.get(other)
+        if floor is not None and value < floor:
+            raise ValueError(f"must be at least {other} ({floor:g} s)")
+        return value
+
+    return check
+
+
 HostPort = Annotated[str, BeforeValidator(parse_host_port)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_positive_duration)]
@@ -192,13 +206,7 @@ class SinkConfig(ConfigModel):
             raise ValueError("must be more than 0 (a queue that holds nothing loses everything)")
         return value
 
-    @field_validator("retry_max")
-    @classmethod
-    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
-        initial = info.data.get("retry_initial")
-        if initial is not None and value < initial:
-            raise ValueError(f"must be at least retry_initial ({initial:g} s)")
-        return value
+    _retry_max_at_least_initial = field_validator("retry_max")(at_least("retry_initial"))
 
 
 def read_secret(path: str | Path) -> str:

@@ -55,7 +55,7 @@ from gatewayd.plugin import (
     Plugin,
     PluginConfig,
 )
-from gatewayd.schema import ConfigModel, Duration, PositiveDuration
+from gatewayd.schema import ConfigModel, Duration, PositiveDuration, at_least
 
 from .backend import Operation, Result
 from .keys import KeyFileError, load_key_file
@@ -110,13 +110,9 @@ class EsamConfig(PluginConfig):
                 raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("reconnect_max")
-    @classmethod
-    def _max_not_below_initial(cls, value: float, info: ValidationInfo) -> float:
-        initial = info.data.get("reconnect_initial")
-        if initial is not None and value < initial:
-            raise ValueError(f"must be at least reconnect_initial ({initial:g} s)")
-        return value
+    _reconnect_max_at_least_initial = field_validator("reconnect_max")(
+        at_least("reconnect_initial")
+    )
 
 
 # --- command argument models (for the API's listing; validation is the library's) ----------------
