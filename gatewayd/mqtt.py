@@ -743,8 +743,8 @@ class MqttClient:
                     result.addBoth(self._ack_later, mid, qos, generation)
                 else:
                     self._ack_later(None, mid, qos, generation)
-            elif isinstance(result, defer.Deferred):  # nothing to acknowledge: note a failure
-                result.addErrback(self._not_durable, mid)
+            # QoS 0: nothing to acknowledge. An event that fails to store is counted and
+            # logged by its queue (``DurableQueue._fail``): no per-message errback here.
 
     def _not_durable(self, failure: Any, mid: int) -> None:
         """A message whose events could not be stored: counted, logged at most every 10 s."""

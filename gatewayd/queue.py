@@ -146,6 +146,8 @@ class DurableQueue:
         self.last_seq_at_open = 0
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.possible_duplicates = 0
+        self.unheard_failures = 0  # events not stored that no emitter was waiting on
+        self._unheard_logged_at: float | None = None
         self._open_outcome: Failure | None = None  # set once the open was tried
         self._open_waiters: list[defer.Deferred] = []
         self._open_tried = False
@@ -256,11 +258,31 @@ class DurableQueue:
                 _log.failure("queue {queue}: a put waiter failed", queue=self.name)
 
     def _fail(self, failed: list[tuple[Any, BaseException]]) -> None:
+        unheard = 0
         for waiter, exc in failed:
             try:
                 waiter.errback(Failure(exc))
             except Exception:
                 _log.failure("queue {queue}: a put waiter failed", queue=self.name)
+            # Whoever waits on an emit attached its callbacks long before this commit round;
+            # a failure still unhandled now would log one traceback per event at GC. Count it.
+            d = getattr(waiter, "deferred", waiter)  # the pipeline's _Join reports to one
+            unhandled = isinstance(d, defer.Deferred) and not d.paused
+            if unhandled and isinstance(getattr(d, "result", None), Failure):
+                d.addErrback(_ignore)
+                unheard += 1
+        if unheard:
+            self.unheard_failures += unheard
+            now = self._store._clock()
+            if self._unheard_logged_at is None or now - self._unheard_logged_at >= 10.0:
+                self._unheard_logged_at = now
+                _log.error(
+                    "queue {queue}: {count} events not stored ({total} so far): {error}",
+                    queue=self.name,
+                    count=unheard,
+                    total=self.unheard_failures,
+                    error=str(failed[-1][1]),
+                )
 
     def _notify(self, _: Any = None) -> None:
         for listener in self._listeners:
@@ -548,6 +570,10 @@ def stranded_queues(directory: Path, names: set[str]) -> list[tuple[Path, int | 
             depth = None
         found.append((path, depth))
     return found
+
+
+def _ignore(failure: Failure) -> None:
+    """Errback that ends a failure already counted and logged by the queue."""
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

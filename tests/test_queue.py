@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
@@ -409,3 +409,42 @@ async def test_stranded_queues_are_the_files_of_no_configured_sink(tmp_path: Pat
         (tmp_path / "broken.db", None),
     ]
     assert stranded_queues(tmp_path, {"store", "archive", "broken"}) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_puts_nobody_waits_on_are_counted_and_logged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fails every commit: emits whose Deferred nobody kept (QoS 0 reports,
+    device.online) cost one log line per 10 s, not one traceback each at garbage collection."""
+    import gc
+
+    from gatewayd.queue import DurableQueue
+
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    store = QueueStore(tmp_path, reactor)
+    store.start()
+    try:
+        queue = await open_queue(store)
+
+        def disk_error(*args: Any) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(DurableQueue, "_insert", disk_error)
+        for n in range(50):
+            queue.put_waiting(f"event {n}", defer.Deferred())  # nobody keeps these
+        kept = defer.Deferred()
+        queue.put_waiting("kept", kept)
+        kept_failure = []
+        kept.addErrback(kept_failure.append)  # this one is waited on: it sees the error
+        await wait_until(lambda: queue.unheard_failures == 50)
+        gc.collect()
+        await task.deferLater(reactor, 0, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        await store.stop()
+    assert kept_failure and "disk I/O error" in kept_failure[0].getErrorMessage()
+    texts = [e.get("log_format") or "" for e in logged]
+    assert sum("events not stored" in t for t in texts) == 1
+    assert not any(e.get("isError") or "Unhandled error" in str(e.get("why")) for e in logged)

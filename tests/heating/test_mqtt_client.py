@@ -184,35 +184,6 @@ def test_reconnect_backoff_doubles_up_to_its_cap_with_jitter():
     assert len({round(jitter, 9) for jitter in jitters}) > 1, delays
 
 
-@pytest_twisted.inlineCallbacks
-def test_qos0_messages_whose_events_fail_are_counted_and_logged_once(mosquitto):
-    errors = []
-
-    def observe(event):
-        if "was not made durable" in (event.get("log_format") or ""):
-            errors.append(event)
-
-    def handler(topic, payload, qos, retain):
-        return defer.fail(OSError("No space left on device"))
-
-    listener = client(mosquitto.port, "failing", handler, [("t/#", 0)])
-    talker = client(mosquitto.port, "talker0")
-    globalLogPublisher.addObserver(observe)
-    listener.start()
-    talker.start()
-    try:
-        yield listener.when_subscribed().addTimeout(5, reactor)
-        yield talker.when_connected().addTimeout(5, reactor)
-        for n in range(50):
-            yield talker.publish("t/x", b"%d" % n, qos=0)
-        yield wait_until(lambda: listener.stats.not_durable == 50)
-        assert len(errors) == 1 and "No space left" in errors[0]["error"]
-    finally:
-        globalLogPublisher.removeObserver(observe)
-        yield listener.stop()
-        yield talker.stop()
-
-
 def test_reconnect_delays_are_checked_against_each_other():
     with pytest.raises(ValueError, match="reconnect_max\n.*at least reconnect_initial"):
         BrokerConfig(reconnect_initial="10s", reconnect_max="1s")
