@@ -698,13 +698,27 @@ class _FileChecker:
         return validated if all(route is not None for route in validated) else None
 
 
-_ANY_HOST = {"", "0.0.0.0", "::", "[::]"}
+_ANY_IPV4 = {"", "0.0.0.0"}
+_ANY_IPV6 = {"::"}  # dual-stack on Linux: it takes the port on IPv4 addresses too
 
 
 def _same_port(one: str, other: str) -> bool:
-    """Whether two listen addresses would take the same port (a wildcard takes every host's)."""
+    """Whether two listen addresses would take the same port: the same host, or a wildcard
+    and a host it covers (0.0.0.0 every IPv4 address, :: every address)."""
     (host, port), (other_host, other_port) = split_host_port(one), split_host_port(other)
-    return port == other_port != 0 and (host == other_host or {host, other_host} & _ANY_HOST)
+    if port != other_port or port == 0:
+        return False
+    host, other_host = _canonical_host(host), _canonical_host(other_host)
+    if host == other_host:
+        return True
+    for wildcard, covered in ((host, other_host), (other_host, host)):
+        if wildcard in _ANY_IPV6 or (wildcard in _ANY_IPV4 and ":" not in covered):
+            return True
+    return False
+
+
+def _canonical_host(host: str) -> str:
+    return "127.0.0.1" if host.lower() == "localhost" else host
 
 
 def _section(data: dict[Any, Any], key: str, default: Any) -> Any:

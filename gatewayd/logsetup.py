@@ -8,6 +8,7 @@ the message itself shows are written, so the JSON says no more than the text lin
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import UTC, datetime
 from string import Formatter
@@ -60,7 +61,10 @@ def json_line(event: dict[str, Any]) -> str:
     failure = event.get("log_failure")
     if failure is not None:
         record["traceback"] = failure.getTraceback()
-    return orjson.dumps(record, default=str).decode() + "\n"
+    try:
+        return orjson.dumps(record, default=str).decode() + "\n"
+    except TypeError:  # an integer beyond 64 bits: the standard library writes it
+        return json.dumps(record, default=str, ensure_ascii=False) + "\n"
 
 
 def start_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:

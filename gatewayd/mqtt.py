@@ -744,7 +744,8 @@ class MqttClient:
                 else:
                     self._ack_later(None, mid, qos, generation)
             # QoS 0: nothing to acknowledge. An event that fails to store is counted and
-            # logged by its queue (``DurableQueue._fail``): no per-message errback here.
+            # logged by its queue (``DurableQueue._fail``): no per-message errback here, and
+            # handlers return Deferreds that fail only for such an event.
 
     def _not_durable(self, failure: Any, mid: int) -> None:
         """A message whose events could not be stored: counted, logged at most every 10 s."""

@@ -146,8 +146,9 @@ class DurableQueue:
         self.last_seq_at_open = 0
         self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.possible_duplicates = 0
-        self.unheard_failures = 0  # events not stored that no emitter was waiting on
-        self._unheard_logged_at: float | None = None
+        self.failed_puts = 0  # events a commit round could not store
+        self.unheard_failures = 0  # ... of which no emitter was waiting on
+        self._failed_logged_at: float | None = None
         self._open_outcome: Failure | None = None  # set once the open was tried
         self._open_waiters: list[defer.Deferred] = []
         self._open_tried = False
@@ -264,25 +265,21 @@ class DurableQueue:
                 waiter.errback(Failure(exc))
             except Exception:
                 _log.failure("queue {queue}: a put waiter failed", queue=self.name)
-            # Whoever waits on an emit attached its callbacks long before this commit round;
-            # a failure still unhandled now would log one traceback per event at GC. Count it.
             d = getattr(waiter, "deferred", waiter)  # the pipeline's _Join reports to one
-            unhandled = isinstance(d, defer.Deferred) and not d.paused
-            if unhandled and isinstance(getattr(d, "result", None), Failure):
-                d.addErrback(_ignore)
+            if isinstance(d, defer.Deferred) and _quiet_unhandled(d):
                 unheard += 1
-        if unheard:
-            self.unheard_failures += unheard
-            now = self._store._clock()
-            if self._unheard_logged_at is None or now - self._unheard_logged_at >= 10.0:
-                self._unheard_logged_at = now
-                _log.error(
-                    "queue {queue}: {count} events not stored ({total} so far): {error}",
-                    queue=self.name,
-                    count=unheard,
-                    total=self.unheard_failures,
-                    error=str(failed[-1][1]),
-                )
+        self.failed_puts += len(failed)
+        self.unheard_failures += unheard
+        now = self._store._clock()
+        if failed and (self._failed_logged_at is None or now - self._failed_logged_at >= 10.0):
+            self._failed_logged_at = now
+            _log.error(
+                "queue {queue}: {count} events not stored ({total} so far): {error}",
+                queue=self.name,
+                count=len(failed),
+                total=self.failed_puts,
+                error=str(failed[-1][1]),
+            )
 
     def _notify(self, _: Any = None) -> None:
         for listener in self._listeners:
@@ -572,8 +569,17 @@ def stranded_queues(directory: Path, names: set[str]) -> list[tuple[Path, int | 
     return found
 
 
-def _ignore(failure: Failure) -> None:
-    """Errback that ends a failure already counted and logged by the queue."""
+def _quiet_unhandled(d: defer.Deferred) -> bool:
+    """If ``d`` ends in a failure nobody handled yet, keep it for a late ``addErrback`` but
+    drop Twisted's note that would log it as a traceback when ``d`` is collected: the queue
+    has counted and logged it. (Whoever waits on an emit normally attached its callbacks long
+    before the commit round that failed it, so this is an emit nobody kept.)"""
+    if d.paused or not isinstance(getattr(d, "result", None), Failure):
+        return False
+    debug = getattr(d, "_debugInfo", None)  # Twisted's unhandled-error note
+    if debug is not None:
+        debug.failResult = None
+    return True
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

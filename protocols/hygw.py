@@ -426,7 +426,11 @@ def _meter_frames(value: Any) -> list[str]:
     frames: list[str] = []
     for item in value:
         if type(item) is str:
-            frames.append(item.upper() if _HEX_RE.fullmatch(item) else item)
+            if _HEX_RE.fullmatch(item):  # the usual case
+                frames.append(item.upper())
+            else:  # hex with spaces or a newline is compacted; anything else kept as it came
+                compact = re.sub(r"\s+", "", item)
+                frames.append(compact.upper() if _HEX_RE.fullmatch(compact) else item)
         elif isinstance(item, (list, dict)):
             frames.extend(_hex_strings(item))
         else:  # a number, true, null: not a frame, but say what it was

@@ -1046,6 +1046,23 @@ def test_sink_timeouts_delays_and_sizes_that_cannot_work_are_refused(tmp_path: P
     ]
 
 
+@pytest.mark.parametrize(
+    ("one", "other", "clash"),
+    [
+        ("0.0.0.0:9000", "127.0.0.2:9000", True),
+        ("0.0.0.0:9000", "[::1]:9000", False),  # another address family
+        ("[::]:9000", "127.0.0.1:9000", True),  # dual-stack
+        ("localhost:9000", "127.0.0.1:9000", True),
+        ("127.0.0.1:9000", "127.0.0.2:9000", False),
+        ("0.0.0.0:9000", "0.0.0.0:9001", False),
+    ],
+)
+def test_which_listen_addresses_share_a_port(one: str, other: str, clash: bool) -> None:
+    from gatewayd.config import _same_port
+
+    assert _same_port(one, other) is clash and _same_port(other, one) is clash
+
+
 def test_clashing_listeners_and_sink_files_are_refused(tmp_path: Path) -> None:
     path = write(
         tmp_path,

@@ -42,6 +42,11 @@ def test_only_fields_the_message_shows_are_written():
     assert "fields" not in record and "s3cret" not in json.dumps(record)
 
 
+def test_an_integer_beyond_64_bits_is_still_written():
+    (record,) = logged(lambda log: log.info("counter {n}", n=2**70))
+    assert record["fields"] == {"n": 2**70} and record["message"] == f"counter {2**70}"
+
+
 def test_objects_are_written_as_their_text():
     (record,) = logged(lambda log: log.info("error: {error}", error=ValueError("bad")))
     assert record["fields"] == {"error": "bad"} and record["message"] == "error: bad"

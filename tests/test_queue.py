@@ -438,13 +438,19 @@ async def test_failed_puts_nobody_waits_on_are_counted_and_logged_once(
         queue.put_waiting("kept", kept)
         kept_failure = []
         kept.addErrback(kept_failure.append)  # this one is waited on: it sees the error
-        await wait_until(lambda: queue.unheard_failures == 50)
+        late = defer.Deferred()
+        queue.put_waiting("late", late)  # its waiter attaches only after the round failed
+        await wait_until(lambda: queue.failed_puts == 52)
+        late_outcome = []
+        late.addBoth(late_outcome.append)
         gc.collect()
         await task.deferLater(reactor, 0, lambda: None)
     finally:
         globalLogPublisher.removeObserver(logged.append)
         await store.stop()
+    assert queue.unheard_failures == 51  # the 50 and the late one, when the round failed
     assert kept_failure and "disk I/O error" in kept_failure[0].getErrorMessage()
+    assert "disk I/O error" in late_outcome[0].getErrorMessage()  # still a failure, not None
     texts = [e.get("log_format") or "" for e in logged]
     assert sum("events not stored" in t for t in texts) == 1
     assert not any(e.get("isError") or "Unhandled error" in str(e.get("why")) for e in logged)

@@ -112,6 +112,32 @@ async def test_sqlite_retention_deletes_events_older_than_it(tmp_path: Path) -> 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_failing_retention_run_does_not_fail_the_committed_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink = SqliteSink("store", SqliteSink.Config(type="sqlite", retention="1d"), context(tmp_path))
+
+    def locked(now=None):
+        raise sqlite3.OperationalError("database is locked")
+
+    await sink.open()
+    try:
+        monkeypatch.setattr(sink, "expire_blocking", locked)
+        await sink.write(make_events(2))  # no exception: the batch is in
+    finally:
+        await sink.close()
+    assert len(table(tmp_path / "events.db")) == 2
+    assert sink.expiry_error == "database is locked"
+
+
+def test_a_write_before_open_does_not_wedge_the_sink(tmp_path: Path) -> None:
+    sink = _StuckSink("stuck", SinkConfig(type="stuck"), context(tmp_path))
+    with pytest.raises(AttributeError):
+        sink.write(make_events(1))
+    assert sink._write_running is False
+
+
+@pytest_twisted.ensureDeferred
 async def test_sqlite_retention_keeps_up_while_batches_come_back_full(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,6 +172,9 @@ async def test_sqlite_keeps_nul_characters_whole(tmp_path: Path) -> None:
         await sink.close()
     assert table(tmp_path / "events.db") == [as_row(e) for e in events]
     assert sink.duplicates == 1
+    with sqlite3.connect(tmp_path / "events.db") as conn:  # the batch's order is kept
+        ids = [row[0] for row in conn.execute("SELECT id FROM events ORDER BY rowid")]
+    assert ids == [e.id for e in events]
 
 
 @pytest_twisted.ensureDeferred

@@ -107,6 +107,7 @@ class BlockingSink(Sink):
             return defer.fail(
                 SinkBusy(f"sink {self.name}: the previous write has not returned (blocked I/O?)")
             )
+        worker = self._worker  # AttributeError before open(), with the flag still clear
         self._write_running = True
 
         def run() -> None:
@@ -115,7 +116,7 @@ class BlockingSink(Sink):
             finally:
                 self._write_running = False
 
-        return self._worker.call(run)
+        return worker.call(run)
 
     def close(self) -> defer.Deferred | None:
         worker, self._worker = getattr(self, "_worker", None), None

@@ -8,8 +8,9 @@ one transaction, ``synchronous`` as configured (``full`` by default: an acknowle
 disk even after a power loss, since the queue deletes it once the sink acknowledged it).
 
 ``retention`` (a duration; default: keep everything) deletes events older than that, in batches
-of ``EXPIRY_BATCH`` rows after a write: once a minute, or after every write while a batch comes
-back full, so it keeps up with any event rate. The file stops growing at the size of one
+of ``EXPIRY_BATCH`` rows after a write: at most once a minute, or after every write while a batch
+comes back full, so it keeps up with any event rate (a sink that receives nothing deletes
+nothing until its next write). The file stops growing at the size of one
 retention period (SQLite reuses the freed pages).
 """
 
@@ -93,26 +94,24 @@ class SqliteSink(BlockingSink):
         self._conn: sqlite3.Connection | None = conn
         self._next_expiry = 0.0
         self.expired = 0
+        self.expiry_error: str | None = None  # the last retention run's error, if it failed
 
     def write_blocking(self, events: Sequence[Event]) -> None:
         conn = self._conn
         assert conn is not None, "write before open"
         payloads = getattr(events, "payloads", None)
-        decoded: list[tuple] = []
-        if payloads is not None:
-            rows = [(payload,) for payload in payloads if _NUL_ESCAPE not in payload]
-            if len(rows) < len(payloads):  # json_extract would cut their strings at the NUL
-                decoded = [row for p in payloads if _NUL_ESCAPE in p for row in _rows_of(p)]
-            statement, count = _INSERT_JSON, len(payloads)
-        else:
+        if payloads is None:
             statement, rows = _INSERT, [_row(e) for e in events]
-            count = len(rows)
+        elif any(_NUL_ESCAPE in payload for payload in payloads):
+            # json_extract would cut strings at the NUL: this (rare) batch, in order, in Python.
+            statement, rows = _INSERT, [row for p in payloads for row in _rows_of(p)]
+        else:
+            statement, rows = _INSERT_JSON, [(payload,) for payload in payloads]
+        count = len(payloads) if payloads is not None else len(rows)
         before = conn.total_changes
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(statement, rows)
-            if decoded:
-                conn.executemany(_INSERT, decoded)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -121,7 +120,11 @@ class SqliteSink(BlockingSink):
         ignored = count - (conn.total_changes - before)
         if self.config.retention is not None and time.monotonic() >= self._next_expiry:
             # A full batch means more are due: go on with the next write, else in a minute.
-            full = self.expire_blocking() >= EXPIRY_BATCH
+            try:
+                full = self.expire_blocking() >= EXPIRY_BATCH
+            except sqlite3.Error as exc:  # the batch is committed: expiry waits for a minute
+                full = False
+                self.expiry_error = str(exc)
             self._next_expiry = time.monotonic() + (0.0 if full else EXPIRY_INTERVAL)
         if ignored and payloads is not None:
             # Rare (replays after a crash): tell duplicates from entries that are not events;

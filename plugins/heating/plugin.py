@@ -377,7 +377,7 @@ class HeatingPlugin(Plugin):
             return None
         if len(emits) == 1:
             return emits[0]
-        return defer.gatherResults(emits, consumeErrors=True)  # fails if one did: not acked quietly
+        return defer.DeferredList(emits, consumeErrors=True).addCallback(_first_error)
 
     def _topic_gw_id(self, topic: str) -> str | None:
         try:
@@ -827,6 +827,16 @@ class HeatingPlugin(Plugin):
         code = "no_reply_frame" if not problems else "invalid_reply"
         detail = "; ".join(problems) or "the gateway's msg 40 reply carries no meter frame"
         raise DeviceRefused(f"valve {meter_id}: {detail}", code=code)
+
+
+def _first_error(results: list[tuple[bool, Any]]) -> BaseException | None:
+    """Of several emits: the first error as a value, else None. The MQTT link logs a value
+    that is an error before it acknowledges a QoS 1 message; for QoS 0 nobody holds the
+    Deferred, so it must not fail (the queue has logged the error already)."""
+    for ok, value in results:
+        if not ok:
+            return value.value
+    return None
 
 
 def _text(payload: bytes) -> str:

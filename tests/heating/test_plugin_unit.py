@@ -625,6 +625,19 @@ def test_cancelled_command_frees_its_slot_and_stop_fails_the_rest():
     assert pending[0].check(BrokerUnavailable)
 
 
+def test_a_message_of_several_events_that_fail_is_an_error_value_not_a_failure():
+    """QoS 0: nobody holds the result, so it must not fail (a traceback per message at GC);
+    QoS 1: the link logs the error value before acknowledging."""
+    harness, _, _ = make()
+    harness.collector.durable = "manual"
+    d = harness.plugin.on_mqtt_message(f"hy/gw/set/{GW_ID}", STATUS_REPORT, 0, False)
+    assert harness.collector.types() == ["device.online", "gateway.status"]
+    harness.collector.fail(OSError("No space left on device"))
+    outcome = []
+    d.addBoth(outcome.append)
+    assert isinstance(outcome[0], OSError) and "No space" in str(outcome[0])
+
+
 def test_gauges():
     harness, _, link = make()
     link.deliver(meter_report(METER_55, FRAME_55))

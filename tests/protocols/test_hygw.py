@@ -185,6 +185,11 @@ def test_meter_data_entries_that_are_no_hex_stay_for_the_frame_codec_to_reject()
     assert decode_message(text).frames == ["68ZZ", "null", "7", "6853"]
 
 
+def test_meter_data_entries_with_spaces_are_compacted_and_upper_cased() -> None:
+    text = envelope(40, '{"meter_data":["68 55 27 10 ab","6853ab01\\n"]}')
+    assert decode_message(text).frames == ["68552710AB", "6853AB01"]
+
+
 def test_meter_data_nested_oddities_give_their_hex_strings_only() -> None:
     text = envelope(40, '{"meter_data":[{"frame":"68 55 27 10"},["6853ab01"]]}')
     assert decode_message(text).frames == ["68552710", "6853AB01"]
