@@ -23,6 +23,7 @@ Secret values (fields typed ``gatewayd.schema.Secret``, keys named like ``passwo
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import sys
@@ -718,7 +719,13 @@ def _same_port(one: str, other: str) -> bool:
 
 
 def _canonical_host(host: str) -> str:
-    return "127.0.0.1" if host.lower() == "localhost" else host
+    """One spelling per address: localhost is 127.0.0.1, ``0:0::0`` is ``::``."""
+    if host.lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        return ipaddress.ip_address(host).compressed
+    except ValueError:  # a host name
+        return host
 
 
 def _section(data: dict[Any, Any], key: str, default: Any) -> Any:

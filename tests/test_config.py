@@ -1055,6 +1055,8 @@ def test_sink_timeouts_delays_and_sizes_that_cannot_work_are_refused(tmp_path: P
         ("localhost:9000", "127.0.0.1:9000", True),
         ("127.0.0.1:9000", "127.0.0.2:9000", False),
         ("0.0.0.0:9000", "0.0.0.0:9001", False),
+        ("[0:0:0:0:0:0:0:0]:9000", "127.0.0.1:9000", True),  # :: spelled out
+        ("[::1]:9000", "[0:0:0:0:0:0:0:1]:9000", True),
     ],
 )
 def test_which_listen_addresses_share_a_port(one: str, other: str, clash: bool) -> None:

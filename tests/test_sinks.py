@@ -130,6 +130,19 @@ async def test_a_failing_retention_run_does_not_fail_the_committed_batch(
     assert sink.expiry_error == "database is locked"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_retention_longer_than_the_epoch_deletes_nothing(tmp_path: Path) -> None:
+    config = SqliteSink.Config(type="sqlite", retention="1000000d")
+    sink = SqliteSink("store", config, context(tmp_path))
+    await sink.open()
+    try:
+        await sink.write(make_events(2))
+        await sink.write(make_events(1, start=2))
+    finally:
+        await sink.close()
+    assert len(table(tmp_path / "events.db")) == 3 and sink.expiry_error is None
+
+
 def test_a_write_before_open_does_not_wedge_the_sink(tmp_path: Path) -> None:
     sink = _StuckSink("stuck", SinkConfig(type="stuck"), context(tmp_path))
     with pytest.raises(AttributeError):

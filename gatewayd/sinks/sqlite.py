@@ -122,9 +122,19 @@ class SqliteSink(BlockingSink):
             # A full batch means more are due: go on with the next write, else in a minute.
             try:
                 full = self.expire_blocking() >= EXPIRY_BATCH
-            except sqlite3.Error as exc:  # the batch is committed: expiry waits for a minute
+            except Exception as exc:  # the batch is committed: expiry waits for a minute
                 full = False
+                if self.expiry_error is None:  # said once per run of failures
+                    log = self.context.log
+                    self.context.reactor.callFromThread(
+                        log.warn,
+                        "sink {sink}: retention failed: {error}",
+                        sink=self.name,
+                        error=str(exc),
+                    )
                 self.expiry_error = str(exc)
+            else:
+                self.expiry_error = None
             self._next_expiry = time.monotonic() + (0.0 if full else EXPIRY_INTERVAL)
         if ignored and payloads is not None:
             # Rare (replays after a crash): tell duplicates from entries that are not events;
@@ -138,6 +148,8 @@ class SqliteSink(BlockingSink):
         conn = self._conn
         assert conn is not None and self.config.retention is not None
         cutoff = (now if now is not None else time.time()) - self.config.retention
+        if cutoff <= 0:  # a retention longer than the epoch: nothing is that old
+            return 0
         cutoff_text = datetime.fromtimestamp(cutoff, UTC).isoformat(timespec="microseconds")
         deleted = conn.execute(_EXPIRE, (cutoff_text, EXPIRY_BATCH)).rowcount
         self.expired += deleted
