@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from string import Formatter
 from typing import Any, TextIO
@@ -34,6 +35,24 @@ LEVELS = {
 }
 
 _SCALARS = (str, int, float, bool, type(None))
+
+
+class LogThrottle:
+    """Whether a log line that can repeat with every event is due: the first time, then at
+    most once per ``interval`` seconds of ``now()``, so a failure hit by every event (a full
+    disk) costs a line every ``interval``, not one per event."""
+
+    def __init__(self, now: Callable[[], float], interval: float = 10.0) -> None:
+        self._now = now
+        self.interval = interval
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = self._now()
+        if self._last is not None and now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
 
 
 def json_line(event: dict[str, Any]) -> str:

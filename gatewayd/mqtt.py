@@ -56,6 +56,7 @@ from twisted.logger import Logger
 from twisted.python import threadable
 from zope.interface import implementer
 
+from gatewayd.logsetup import LogThrottle
 from gatewayd.schema import ConfigModel, Duration, PositiveDuration, Secret, at_least
 
 __all__ = [
@@ -327,7 +328,7 @@ class MqttClient:
             jitter=lambda: self._rng.uniform(0, config.reconnect_initial),
         )
         self._failures = 0
-        self._not_durable_logged_at: float | None = None
+        self._not_durable_log = LogThrottle(reactor.seconds)
         self._generation = 0  # bumped per connection: acks never cross connections
         self._client: paho.Client | None = None
         self._descriptor: _SocketDescriptor | None = None
@@ -751,9 +752,7 @@ class MqttClient:
         """A message whose events could not be stored: counted, logged at most every 10 s."""
         self.stats.handler_errors += 1
         self.stats.not_durable += 1
-        now = self.reactor.seconds()
-        if self._not_durable_logged_at is None or now - self._not_durable_logged_at >= 10.0:
-            self._not_durable_logged_at = now
+        if self._not_durable_log.due():
             self.log.error(
                 "MQTT {name}: message {mid} was not made durable ({count} so far): {error}",
                 name=self.name,

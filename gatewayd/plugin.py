@@ -28,6 +28,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from gatewayd.events import Event
+from gatewayd.logsetup import LogThrottle
 from gatewayd.schema import ConfigModel, PluginConfig
 
 if TYPE_CHECKING:
@@ -252,7 +253,7 @@ class PluginContext:
         self._sink = sink
         self._on_failure = on_failure
         self.not_stored = 0  # events record() could not make durable
-        self._not_stored_logged_at: float | None = None
+        self._not_stored_log = LogThrottle(reactor.seconds, NOT_STORED_LOG_INTERVAL)
         self.metrics.gauge(
             "events_not_stored_total",
             "Events no device waited for that could not be stored (see the log)",
@@ -301,10 +302,7 @@ class PluginContext:
     def note_not_stored(self, failure: Any) -> None:
         """Errback for an event that could not be stored and that nobody acknowledges."""
         self.not_stored += 1
-        now = self.reactor.seconds()
-        last = self._not_stored_logged_at
-        if last is None or now - last >= NOT_STORED_LOG_INTERVAL:
-            self._not_stored_logged_at = now
+        if self._not_stored_log.due():
             self.log.error(
                 "plugin {plugin}: an event could not be stored ({count} so far): {error}",
                 plugin=self.name,

@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gatewayd.events import encode_json
+from gatewayd.logsetup import LogThrottle
 
 __all__ = [
     "DROP_REASONS",
@@ -148,7 +149,7 @@ class DurableQueue:
         self.possible_duplicates = 0
         self.failed_puts = 0  # events a commit round could not store
         self.unheard_failures = 0  # ... of which no emitter was waiting on
-        self._failed_logged_at: float | None = None
+        self._failed_log = LogThrottle(store._clock)
         self._open_outcome: Failure | None = None  # set once the open was tried
         self._open_waiters: list[defer.Deferred] = []
         self._open_tried = False
@@ -270,9 +271,7 @@ class DurableQueue:
                 unheard += 1
         self.failed_puts += len(failed)
         self.unheard_failures += unheard
-        now = self._store._clock()
-        if failed and (self._failed_logged_at is None or now - self._failed_logged_at >= 10.0):
-            self._failed_logged_at = now
+        if failed and self._failed_log.due():
             _log.error(
                 "queue {queue}: {count} events not stored ({total} so far): {error}",
                 queue=self.name,

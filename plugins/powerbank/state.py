@@ -39,6 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gatewayd.logsetup import LogThrottle
 from gatewayd.plugin import Busy, CommandError, DeviceRefused, DeviceTimeout, NotFound
 
 __all__ = [
@@ -187,7 +188,7 @@ class CabinetRegistry:
         self.accepts_bank = accepts_bank
         self.cabinets: dict[str, Cabinet] = {}
         self.not_stored = 0  # answers withheld because their event could not be stored
-        self._not_stored_logged_at: float | None = None
+        self._not_stored_log = LogThrottle(clock.seconds)  # the cabinets resend: every 10 s
         self.online_count = 0
         self.duplicates = 0
         self.replies_dropped = 0  # answers due while the cabinet had no connection
@@ -363,9 +364,7 @@ class CabinetRegistry:
 
         def not_stored(failure: Failure) -> bool:
             self.not_stored += 1
-            now = self.clock.seconds()
-            if self._not_stored_logged_at is None or now - self._not_stored_logged_at >= 10.0:
-                self._not_stored_logged_at = now  # the cabinets resend: say it every 10 s
+            if self._not_stored_log.due():
                 log.error(
                     "cabinet {imei}: event not stored, {answer} not sent ({count} so far, "
                     "the cabinet will resend): {error}",
