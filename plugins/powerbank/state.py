@@ -63,6 +63,16 @@ PURGE_AT = 16
 MAX_REMEMBERED = 64
 
 
+def _make_room(table: dict[Any, Any], now: float, expires: Callable[[Any], float]) -> None:
+    """Room for one more entry in a per-cabinet table (see PURGE_AT): a flood of distinct
+    packets loses its oldest entries first."""
+    if len(table) >= PURGE_AT:
+        for key in [key for key, value in table.items() if expires(value) <= now]:
+            del table[key]
+        while len(table) >= MAX_REMEMBERED:
+            del table[next(iter(table))]
+
+
 class Connection(Protocol):
     """What the registry needs from a cabinet's connection (TCP in production, a fake in tests)."""
 
@@ -342,11 +352,7 @@ class CabinetRegistry:
         """
         now = self.clock.seconds()
         replies = cabinet.replies
-        if len(replies) >= PURGE_AT:
-            for key in [k for k, r in replies.items() if r.expires <= now]:
-                del replies[key]
-            while len(replies) >= MAX_REMEMBERED:  # a flood of distinct packets: oldest first
-                del replies[next(iter(replies))]
+        _make_room(replies, now, lambda reply: reply.expires)
         reply = replies[packet] = _Reply(answer, now + self.settings.duplicate_window)
         if durable is None:
             reply.durable = True
@@ -513,12 +519,8 @@ class CabinetRegistry:
 
     def _close_lend(self, cabinet: Cabinet, lend: PendingLend, outcome: str) -> None:
         now = self.clock.seconds()
-        closed = cabinet.closed_lends
-        if len(closed) >= PURGE_AT:  # a result comes within the window or not at all
-            for key in [k for k, (_, expires) in closed.items() if expires <= now]:
-                del closed[key]
-            while len(closed) >= MAX_REMEMBERED:
-                del closed[next(iter(closed))]
+        closed = cabinet.closed_lends  # a late result comes within the window or not at all
+        _make_room(closed, now, lambda entry: entry[1])
         closed[(lend.slot, lend.bank)] = (outcome, now + self.settings.duplicate_window)
         self._cancel(lend.timer)
         lend.timer = None
