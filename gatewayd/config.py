@@ -427,11 +427,7 @@ class _FileChecker:
         """What would stop the daemon only after its plugins started: an unreadable or empty
         token file, and an API open to the network without a token."""
         if api.token_file is not None:
-            path = (
-                api.token_file
-                if api.token_file.is_absolute()
-                else self.path.parent / api.token_file
-            )
+            path = self.path.parent / api.token_file  # an absolute path stays as it is
             try:
                 token = path.read_text(encoding="utf-8").strip()
             except (OSError, UnicodeDecodeError) as exc:
@@ -468,16 +464,14 @@ class _FileChecker:
                     where = format_path(earlier_path)
                     self.error(path, f"{address} is also {where}'s address ({earlier})")
                     break
-        state_dir = gateway.state_dir
-        if not state_dir.is_absolute():
-            state_dir = self.path.parent / state_dir
+        state_dir = self.path.parent / gateway.state_dir  # as the daemon resolves them
         queue_files = {(state_dir / "queues" / f"{name}.db").resolve() for name in sinks}
         written: dict[Path, str] = {}
         for name, model in sinks.items():
             given = getattr(model, "path", None)
             if not isinstance(given, str | Path):
                 continue
-            target = (Path(given) if Path(given).is_absolute() else state_dir / given).resolve()
+            target = (state_dir / given).resolve()
             if target in queue_files:
                 self.error(("sinks", name, "path"), f"{target} is a sink's queue file")
             elif target in written:

@@ -11,13 +11,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from gatewayd.schema import (
-    ConfigModel,
-    Duration,
-    HostPort,
-    PluginConfig,
-    SinkConfig,
-)
+from gatewayd.schema import ConfigModel, Duration, HostPort, PluginConfig, SinkConfig
 
 
 class GatewaySection(ConfigModel):
