@@ -119,29 +119,32 @@ class SqliteSink(BlockingSink):
             raise
         ignored = count - (conn.total_changes - before)
         if self.config.retention is not None and time.monotonic() >= self._next_expiry:
-            # A full batch means more are due: go on with the next write, else in a minute.
-            try:
-                full = self.expire_blocking() >= EXPIRY_BATCH
-            except Exception as exc:  # the batch is committed: expiry waits for a minute
-                full = False
-                if self.expiry_error is None:  # said once per run of failures
-                    log = self.context.log
-                    self.context.reactor.callFromThread(
-                        log.warn,
-                        "sink {sink}: retention failed: {error}",
-                        sink=self.name,
-                        error=str(exc),
-                    )
-                self.expiry_error = str(exc)
-            else:
-                self.expiry_error = None
-            self._next_expiry = time.monotonic() + (0.0 if full else EXPIRY_INTERVAL)
+            self._expire_after_write()
         if ignored and payloads is not None:
             # Rare (replays after a crash): tell duplicates from entries that are not events;
             # decoding the batch lists the latter in ``events.invalid`` for the delivery loop.
             len(events)
             ignored -= len(getattr(events, "invalid", ()))
         self.duplicates += ignored
+
+    def _expire_after_write(self) -> None:
+        """One retention run; it never fails the batch just committed. A full batch means more
+        are due: again after the next write, else in a minute."""
+        try:
+            full = self.expire_blocking() >= EXPIRY_BATCH
+        except Exception as exc:
+            full = False
+            if self.expiry_error is None:  # said once per run of failures
+                self.context.reactor.callFromThread(
+                    self.context.log.warn,
+                    "sink {sink}: retention failed: {error}",
+                    sink=self.name,
+                    error=str(exc),
+                )
+            self.expiry_error = str(exc)
+        else:
+            self.expiry_error = None
+        self._next_expiry = time.monotonic() + (0.0 if full else EXPIRY_INTERVAL)
 
     def expire_blocking(self, now: float | None = None) -> int:
         """Delete events older than ``retention`` (a bounded batch per call); returns how many."""
