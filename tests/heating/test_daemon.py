@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from gatewayd.testing import free_port
+from tests.test_service import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +57,6 @@ def readings(db: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def wait_for(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def metric(api_port: int, name: str) -> float:
     url = f"http://127.0.0.1:{api_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as answer:
@@ -89,17 +83,17 @@ def test_broker_restart_under_a_running_daemon(tmp_path, mosquitto):
         "simulate", "heating", "--broker", broker, "--gateways", "2", "--interval", "0.3"
     )
     try:
-        wait_for(lambda: len(readings(db)) >= 12)
+        assert wait_until(lambda: len(readings(db)) >= 12)
         mosquitto.kill()
-        wait_for(lambda: metric(api_port, "gatewayd_plugin_mqtt_connected") == 0)
+        assert wait_until(lambda: metric(api_port, "gatewayd_plugin_mqtt_connected") == 0)
         time.sleep(1.0)  # a few failed reconnects
         assert daemon.poll() is None, "the daemon stopped with its broker"
         assert metric(api_port, "gatewayd_plugin_mqtt_state") in (1.0, 3.0)
         stored_before = len(readings(db))
 
         mosquitto.start()
-        wait_for(lambda: metric(api_port, "gatewayd_plugin_mqtt_state") == 2.0)
-        wait_for(lambda: len(readings(db)) >= stored_before + 12)
+        assert wait_until(lambda: metric(api_port, "gatewayd_plugin_mqtt_state") == 2.0)
+        assert wait_until(lambda: len(readings(db)) >= stored_before + 12)
         after = readings(db)[stored_before:]
         assert {gateway for _, gateway in after} == {"02345678903", "02345678904"}
         assert metric(api_port, "gatewayd_plugin_mqtt_disconnects") == 1
