@@ -4,7 +4,8 @@ Endpoints (``api.listen``, ``127.0.0.1:8720`` by default):
 
 - ``GET /health``: 200 when every plugin runs and no sink is stopped, else 503
 - ``GET /metrics``: Prometheus text (``gatewayd.metrics``)
-- ``GET /api/v1/devices[?plugin=NAME]``: known devices with plugin, id, online, last seen
+- ``GET /api/v1/devices[?plugin=NAME&online=BOOL&limit=N&offset=N]``: known devices with plugin,
+  id, online, last seen; a page at a time (1,000 unless ``limit`` says otherwise)
 - ``GET /api/v1/plugins[/NAME[/commands[/CMD]]]``: plugins, commands and argument schemas
 - ``POST /api/v1/plugins/{plugin}/commands/{command}``: run a command; JSON object body = arguments
 
@@ -27,7 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import itertools
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -342,7 +345,7 @@ class RootResource(JsonResource):
         endpoints = [
             "GET /health",
             "GET /metrics",
-            "GET /api/v1/devices[?plugin=NAME]",
+            "GET /api/v1/devices[?plugin=NAME&online=BOOL&limit=N&offset=N]",
             "GET /api/v1/plugins",
             "POST /api/v1/plugins/{plugin}/commands/{command}",
         ]
@@ -395,36 +398,110 @@ class MetricsResource(JsonResource):
         return body
 
 
+#: Devices in one page of ``GET /api/v1/devices`` when ``limit`` is not given, and the most a
+#: page may hold: a heating plugin can know half a million meters, and one answer for all of them
+#: would be ~100 MB built while the reactor waits.
+DEVICES_PAGE = 1000
+DEVICES_PAGE_MAX = 10_000
+DEVICES_ARGUMENTS = ("plugin", "online", "limit", "offset")
+
+
 class DevicesResource(JsonResource):
-    """``GET /api/v1/devices[?plugin=NAME]``: every known device, online or not."""
+    """``GET /api/v1/devices[?plugin=NAME][&online=true|false][&limit=N][&offset=N]``.
+
+    Known devices, online or not, by plugin name and then in each plugin's own order, a page at a
+    time: ``next_offset`` is the offset of the next page, null on the last one.
+    """
 
     def render_GET(self, request: server.Request) -> bytes:
-        plugins = self.api.daemon.plugins
+        unknown = sorted(
+            name
+            for name in (k.decode("utf-8", "replace") for k in request.args)
+            if name not in DEVICES_ARGUMENTS
+        )
+        if unknown:
+            raise HttpError(
+                400,
+                "bad_request",
+                f"unknown query argument(s) {', '.join(unknown)} "
+                f"(accepted: {', '.join(DEVICES_ARGUMENTS)})",
+            )
         wanted = [v.decode("utf-8", "replace") for v in request.args.get(b"plugin", [])]
         for name in wanted:
             self.api.plugin_host(name)  # 404 for an unknown name
-        devices: list[dict[str, Any]] = []
+        online = query_bool(request, "online")
+        limit = query_int(request, "limit", DEVICES_PAGE, 1, DEVICES_PAGE_MAX)
+        offset = query_int(request, "offset", 0, 0, None)
         errors: dict[str, str] = {}
-        for name, host in sorted(plugins.items()):
+        listed = itertools.islice(self._devices(wanted, online, errors), offset, offset + limit + 1)
+        devices = list(listed)
+        more = len(devices) > limit
+        body = {
+            "devices": devices[:limit],
+            "errors": errors,
+            "offset": offset,
+            "next_offset": offset + limit if more else None,
+        }
+        return respond(request, 200, encode_json(body))
+
+    def _devices(
+        self, wanted: list[str], online: bool | None, errors: dict[str, str]
+    ) -> Iterator[dict[str, Any]]:
+        """Every listed device as the API shows it, plugin after plugin, built as consumed."""
+        for name, host in sorted(self.api.daemon.plugins.items()):
             if (wanted and name not in wanted) or host.plugin is None:
                 continue
             try:
-                listed = list(host.plugin.devices())
+                for device in host.plugin.devices():
+                    if online is None or device.online is online:
+                        yield {
+                            "plugin": name,
+                            "id": device.id,
+                            "online": device.online,
+                            "last_seen": iso_utc(device.last_seen),
+                            "details": device.details,
+                        }
             except Exception:
                 log.failure("devices() of plugin {plugin} failed", plugin=name)
                 errors[name] = "listing the devices failed; see the daemon log"
-                continue
-            devices.extend(
-                {
-                    "plugin": name,
-                    "id": device.id,
-                    "online": device.online,
-                    "last_seen": iso_utc(device.last_seen),
-                    "details": device.details,
-                }
-                for device in listed
-            )
-        return respond(request, 200, encode_json({"devices": devices, "errors": errors}))
+
+
+def _query_value(request: server.Request, name: str) -> str | None:
+    """The one value of query argument ``name`` (None when absent); 400 when given twice."""
+    values = request.args.get(name.encode("ascii"), [])
+    if len(values) > 1:
+        raise HttpError(400, "bad_request", f"query argument {name!r} is given more than once")
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def query_int(request: server.Request, name: str, default: int, low: int, high: int | None) -> int:
+    """Query argument ``name`` as a whole number from ``low`` (to ``high``); 400 naming it."""
+    text = _query_value(request, name)
+    if text is None:
+        return default
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+    if value is None or value < low or (high is not None and value > high):
+        bounds = f"from {low}" if high is None else f"from {low} to {high}"
+        raise HttpError(
+            400,
+            "bad_request",
+            f"query argument {name!r} must be a whole number {bounds}, got {text!r}",
+        )
+    return value
+
+
+def query_bool(request: server.Request, name: str) -> bool | None:
+    """Query argument ``name`` as true/false (None when absent); 400 naming it otherwise."""
+    text = _query_value(request, name)
+    if text is None:
+        return None
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise HttpError(
+        400, "bad_request", f"query argument {name!r} must be true or false, got {text!r}"
+    )
 
 
 class PluginsResource(JsonResource):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -365,8 +365,9 @@ class Plugin:
         """Close transports and cancel timers; may return a Deferred."""
         return None
 
-    def devices(self) -> list[Device]:
-        """The devices this plugin knows, online or not."""
+    def devices(self) -> Iterable[Device]:
+        """The devices this plugin knows, online or not, in a stable order (``/api/v1/devices``
+        pages through it by position). A generator is fine: a page consumes only what it shows."""
         return []
 
     def devices_online(self) -> int:

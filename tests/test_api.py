@@ -151,9 +151,9 @@ class FakeSinkRunner:
 
 
 def cabinet_host(
-    name: str, reactor: Any, state_dir: Path, state: str = "running"
+    name: str, reactor: Any, state_dir: Path, state: str = "running", kind: type = Cabinet
 ) -> FakePluginHost:
-    """A host of a real Cabinet plugin with a real PluginContext."""
+    """A host of a real Cabinet plugin (or subclass ``kind``) with a real PluginContext."""
     context = PluginContext(
         name=name,
         protocol=Cabinet.protocol,
@@ -162,7 +162,7 @@ def cabinet_host(
         state_dir=state_dir,
         sink=lambda event: defer.succeed(None),
     )
-    plugin = Cabinet(name, PluginConfig(type="powerbank"), context)
+    plugin = kind(name, PluginConfig(type="powerbank"), context)
     return FakePluginHost(name, "powerbank", state, plugin, context)
 
 
@@ -646,6 +646,90 @@ def test_devices_listing_and_filter(tmp_path, serve):
     assert status == 200
     assert {d["plugin"] for d in body["devices"]} == {"cabinets"}
     assert "other" in body["errors"] and "device table" not in body["errors"]["other"]
+
+
+class Fleet(Cabinet):
+    """A plugin with many devices, listed lazily, counting how many were built."""
+
+    size = 2500
+    built = 0
+
+    def devices(self):
+        for n in range(self.size):
+            self.built += 1
+            yield Device(f"{n:06d}", n % 3 != 0, None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_devices_come_a_page_at_a_time_until_next_offset_is_null(tmp_path, serve):
+    from twisted.internet import reactor
+
+    served = serve()
+    served.daemon.plugins["fleet"] = cabinet_host("fleet", reactor, tmp_path, kind=Fleet)
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices"))
+    body = json.loads(data)
+    assert status == 200
+    assert len(body["devices"]) == 1000  # the default page
+    assert body["offset"] == 0 and body["next_offset"] == 1000
+    assert [d["id"] for d in body["devices"][:3]] == [
+        "860000000000001",
+        "860000000000002",
+        "000000",
+    ]
+    assert cabinet(served.daemon, "fleet").built == 999  # the page and one more, not all 2,500
+
+    seen, offset = [], 0
+    while offset is not None:
+        status, _, data = yield http(
+            b"GET", served.url(f"/api/v1/devices?plugin=fleet&limit=700&offset={offset}")
+        )
+        body = json.loads(data)
+        assert status == 200 and body["offset"] == offset and len(body["devices"]) <= 700
+        seen += [d["id"] for d in body["devices"]]
+        offset = body["next_offset"]
+    assert seen == [f"{n:06d}" for n in range(2500)]
+
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices?offset=5000"))
+    body = json.loads(data)
+    assert status == 200 and body["devices"] == [] and body["next_offset"] is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_devices_filtered_by_online(tmp_path, serve):
+    from twisted.internet import reactor
+
+    served = serve()
+    served.daemon.plugins["fleet"] = cabinet_host("fleet", reactor, tmp_path, kind=Fleet)
+    url = "/api/v1/devices?plugin=fleet&online=false&limit=10000"
+    status, _, data = yield http(b"GET", served.url(url))
+    offline = json.loads(data)["devices"]
+    assert status == 200
+    assert [d["id"] for d in offline] == [f"{n:06d}" for n in range(0, 2500, 3)]
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices?online=1&limit=10000"))
+    online = json.loads(data)["devices"]
+    assert all(d["online"] for d in online) and len(online) == 1 + 2500 - len(offline)
+
+
+@pytest.mark.parametrize(
+    "query, fragments",
+    [
+        ("limit=0", ["'limit'", "from 1 to 10000", "'0'"]),
+        ("limit=10001", ["'limit'", "from 1 to 10000"]),
+        ("limit=ten", ["'limit'", "'ten'"]),
+        ("limit=-1", ["'limit'"]),
+        ("offset=1.5", ["'offset'", "whole number from 0"]),
+        ("offset=99999999999999999999999", ["'offset'"]),
+        ("limit=5&limit=6", ["'limit'", "more than once"]),
+        ("online=maybe", ["'online'", "true or false", "'maybe'"]),
+        ("plugins=cabinets", ["unknown query argument(s) plugins", "accepted: plugin"]),
+    ],
+)
+@pytest_twisted.inlineCallbacks
+def test_a_bad_devices_query_is_a_400_naming_the_argument(serve, query, fragments):
+    served = serve()
+    status, _, data = yield http(b"GET", served.url(f"/api/v1/devices?{query}"))
+    assert status == 400
+    assert_error(json.loads(data), "bad_request", *fragments)
 
 
 # --- metrics -----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -553,41 +553,36 @@ class HeatingPlugin(Plugin):
         """Online gateways and their meters, counted without listing every meter."""
         return sum(1 + len(g.meters) for g in self.registry.gateways.values() if g.online)
 
-    def devices(self) -> list[Device]:
-        """Gateways (``kind: gateway``) and the meters seen behind them (``kind: meter``)."""
-        listed = []
+    def devices(self) -> Iterator[Device]:
+        """Gateways (``kind: gateway``), each followed by the meters seen behind it
+        (``kind: meter``); built as the API consumes them, so a page costs only its own."""
         for gateway in sorted(self.registry.gateways.values(), key=lambda g: g.gw_id):
-            listed.append(
-                Device(
-                    id=gateway.gw_id,
-                    online=gateway.online,
-                    last_seen=gateway.last_seen_wall,
-                    details={
-                        "kind": "gateway",
-                        "meters": len(gateway.meters),
-                        "version": gateway.status.get("version"),
-                        "rssi": gateway.status.get("rssi"),
-                    },
-                )
+            yield Device(
+                id=gateway.gw_id,
+                online=gateway.online,
+                last_seen=gateway.last_seen_wall,
+                details={
+                    "kind": "gateway",
+                    "meters": len(gateway.meters),
+                    "version": gateway.status.get("version"),
+                    "rssi": gateway.status.get("rssi"),
+                },
             )
             for meter in sorted(gateway.meters.values(), key=lambda m: m.meter_id):
-                listed.append(
-                    Device(
-                        id=meter.meter_id,
-                        online=gateway.online,
-                        last_seen=meter.last_seen,
-                        details={
-                            "kind": "meter",
-                            "gateway": gateway.gw_id,
-                            "meter_type": None
-                            if meter.meter_type is None
-                            else f"{meter.meter_type:02X}",
-                            "address": meter.address,
-                            "port": meter.port,
-                        },
-                    )
+                yield Device(
+                    id=meter.meter_id,
+                    online=gateway.online,
+                    last_seen=meter.last_seen,
+                    details={
+                        "kind": "meter",
+                        "gateway": gateway.gw_id,
+                        "meter_type": None
+                        if meter.meter_type is None
+                        else f"{meter.meter_type:02X}",
+                        "address": meter.address,
+                        "port": meter.port,
+                    },
                 )
-        return listed
 
     # --- commands --------------------------------------------------------------------------
 
