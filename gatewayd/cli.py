@@ -8,9 +8,12 @@ Exit status: 0 ok, 1 runtime failure, 2 bad usage or bad config.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import tempfile
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +87,15 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
     decode = sub.add_parser("decode", help="decode one frame for a field engineer")
     decode.add_argument("format", choices=sorted(decoders) or ["none"])
     decode.add_argument("data")
+    decode.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a decoder setting named like the plugin's config key, e.g. -o bcd_decimals=2 "
+        "for cjt188 and hygw (repeatable)",
+    )
     decode.set_defaults(func=cmd_decode, decoders=decoders)
 
     command = sub.add_parser("command", help="call a plugin command through the control API")
@@ -149,7 +161,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
         print(f"no decoder for {args.format!r}", file=sys.stderr)
         return 2
     try:
-        result = decoder(args.data)
+        options = decoder_options(decoder, args.option)
+    except ValueError as exc:
+        print(f"gatewayd decode {args.format}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = decoder(args.data, **options)
     except ValueError as exc:  # every protocol error derives from ValueError
         reason = getattr(exc, "reason", None)
         print(
@@ -159,6 +176,35 @@ def cmd_decode(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(result, indent=2, ensure_ascii=False, default=str))
     return 0
+
+
+def decoder_options(decoder: Callable[..., Any], given: list[str]) -> dict[str, Any]:
+    """``-o NAME=VALUE`` settings as keyword arguments of ``decoder``: the parameters after the
+    data whose type can be typed on a command line (``int``, ``str``, a ``Literal`` of them)."""
+    hints = typing.get_type_hints(decoder)
+    accepted: dict[str, tuple[Any, ...]] = {}
+    for name in list(inspect.signature(decoder).parameters)[1:]:
+        hint = hints.get(name)
+        if typing.get_origin(hint) is typing.Literal:
+            accepted[name] = typing.get_args(hint)
+        elif hint in (int, str):
+            accepted[name] = ()
+    options: dict[str, Any] = {}
+    for item in given:
+        name, equals, text = item.partition("=")
+        if not equals:
+            raise ValueError(f"-o {item!r}: expected NAME=VALUE")
+        if name not in accepted:
+            raise ValueError(f"no option {name!r} (options: {', '.join(accepted) or 'none'})")
+        value: Any = int(text) if text.lstrip("-").isdigit() else text
+        allowed = accepted[name]
+        if allowed and value not in allowed:
+            choices = " or ".join(str(v) for v in allowed)
+            raise ValueError(f"-o {name}: expected {choices}, got {text!r}")
+        if hints.get(name) is int and not isinstance(value, int):
+            raise ValueError(f"-o {name}: expected a whole number, got {text!r}")
+        options[name] = value
+    return options
 
 
 def cmd_command(args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from gatewayd.protocols import cjt188, hygw
 from gatewayd.protocols.errors import Cjt188Error, HygwError
@@ -137,14 +137,16 @@ def _stat_only(message: hygw.Message) -> dict[str, Any]:
     return {"stat": None if stat is None else stat.to_dict()}
 
 
-def decode_hygw_for_cli(text: str) -> dict[str, Any]:
+def decode_hygw_for_cli(
+    text: str, bcd_decimals: Literal[0, 2] = cjt188.BCD_DECIMALS_VENDOR
+) -> dict[str, Any]:
     """``gatewayd decode hygw``: the message, and each frame of its ``meter_data`` decoded as
-    the plugin would (vendor scaling of the 55H totals; an undecodable one says why)."""
+    the plugin would (``bcd_decimals`` as in its config; an undecodable one says why)."""
     result = hygw.decode_for_cli(text)
     frames = []
     for hex_frame in result["values"].get("meter_data") or []:
         try:
-            frames.append(cjt188.decode_for_cli(hex_frame))
+            frames.append(cjt188.decode_for_cli(hex_frame, bcd_decimals))
         except Cjt188Error as exc:
             frames.append({"hex": hex_frame, "error": exc.reason, "message": exc.message})
     if frames:

@@ -274,6 +274,36 @@ def test_demo_simulator_brings_its_own_broker_when_none_listens():
         socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
 
 
+def test_cli_decode_takes_the_plugins_bcd_decimals(capsys):
+    from tests.protocols.test_cjt188 import SEED
+
+    printed, repaired, _ = SEED[192]  # a 55H building-valve report
+    frame = repaired or printed
+    assert cli_main(["decode", "cjt188", frame]) == 0
+    vendor = json.loads(capsys.readouterr().out)["payload"]["fields"]["heat_total"]
+    assert cli_main(["decode", "cjt188", frame, "-o", "bcd_decimals=2"]) == 0
+    standard = json.loads(capsys.readouterr().out)["payload"]["fields"]["heat_total"]
+    assert (vendor["scaling"], standard["scaling"]) == ("vendor_integer", "standard")
+    assert standard["value"] == 45323.12 and vendor["value"] == 4532312
+
+    report = json.dumps(
+        {
+            "gw": {"msg_id": 20, "msg_gw_pr": 0, "gw_id": "02345678903"},
+            "data": {"meter_id": "27100583203400", "meter_data": [frame]},
+        }
+    )
+    assert cli_main(["decode", "hygw", report, "--option", "bcd_decimals=2"]) == 0
+    [decoded] = json.loads(capsys.readouterr().out)["meter_frames"]
+    assert decoded["payload"]["fields"]["heat_total"] == standard
+
+    assert cli_main(["decode", "cjt188", frame, "-o", "bcd_decimals=1"]) == 2
+    assert "-o bcd_decimals: expected 0 or 2, got '1'" in capsys.readouterr().err
+    assert cli_main(["decode", "cjt188", frame, "-o", "decimals=2"]) == 2
+    assert "no option 'decimals' (options: bcd_decimals)" in capsys.readouterr().err
+    assert cli_main(["decode", "powerbank", "x", "-o", "settings=1"]) == 2
+    assert "(options: none)" in capsys.readouterr().err
+
+
 def test_cli_decode_and_simulate_help(capsys):
     assert cli_main(["decode", "cjt188", "6855271005830011119603902F01F716"]) == 0
     decoded = json.loads(capsys.readouterr().out)
