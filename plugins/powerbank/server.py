@@ -30,9 +30,16 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 
+from gatewayd.logsetup import LogThrottle
+
 __all__ = ["CabinetConnection", "CabinetHandler", "CabinetServer", "FrameReceiver", "TokenBucket"]
 
 log = Logger(namespace="gatewayd.plugins.powerbank.server")
+
+#: Seconds between two samples of modem noise in the log (GPRS modems chatter all day), and the
+#: bytes of one sample.
+NOISE_LOG_INTERVAL = 600.0
+NOISE_SAMPLE = 60
 
 _FRAME_START = b'{"'
 #: Where a frame ends: at ``\n``, ``\r`` (or both), and right after ``"}``.
@@ -233,7 +240,7 @@ class CabinetConnection(FrameReceiver, TimeoutMixin):
         self.close("line_too_long")
 
     def noiseReceived(self, noise: bytes) -> None:
-        self.server.noise += 1
+        self.server.noise_received(self, noise)
 
     def framesDelayed(self, seconds: float) -> None:
         self.server.rate_limited += 1
@@ -295,14 +302,13 @@ class CabinetServer(protocol.ServerFactory):
         self.noise = 0
         self.rate_limited = 0
         self._empty_waiters: list[defer.Deferred] = []
-        self._last_refusal_log = -1e9
+        self._refusal_log = LogThrottle(clock.seconds)
+        self._noise_log = LogThrottle(clock.seconds, NOISE_LOG_INTERVAL)
 
     def buildProtocol(self, addr: Any) -> CabinetConnection | None:
         if len(self.connections) >= self.max_connections:
             self.refused += 1
-            now = self.clock.seconds()
-            if now - self._last_refusal_log >= 10.0:
-                self._last_refusal_log = now
+            if self._refusal_log.due():
                 log.warn(
                     "max_connections ({limit}) reached: refusing connections "
                     "({refused} refused so far)",
@@ -311,6 +317,22 @@ class CabinetServer(protocol.ServerFactory):
                 )
             return None
         return CabinetConnection(self)
+
+    def noise_received(self, conn: CabinetConnection, noise: bytes) -> None:
+        """Count modem noise; show a sample now and then, so a cabinet whose every line is
+        taken for noise (another protocol, a broken encoding) can be found from the log."""
+        self.noise += 1
+        if self._noise_log.due():
+            log.info(
+                "modem noise from {address} (IMEI {imei}) dropped: {sample} ({count} noise "
+                "lines so far, in noise_lines_total; a sample is logged at most every "
+                "{interval:.0f} min)",
+                address=conn.address,
+                imei=conn.imei or "not yet known",
+                sample=repr(noise[:NOISE_SAMPLE]) + ("..." if len(noise) > NOISE_SAMPLE else ""),
+                count=self.noise,
+                interval=NOISE_LOG_INTERVAL / 60,
+            )
 
     def connection_closed(self, conn: CabinetConnection) -> None:
         self.connections.discard(conn)

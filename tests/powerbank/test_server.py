@@ -91,6 +91,32 @@ def test_modem_noise_is_dropped_and_frames_resynchronise_on_brace_quote():
     assert server.noise == 4  # AT, +CSQ, RING, xx
 
 
+def test_modem_noise_is_sampled_in_the_log_at_most_every_ten_minutes():
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    logged: list[str] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "gatewayd.plugins.powerbank.server":
+            logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        conn, _, recorder, clock, server = connection()
+        conn.dataReceived(b"+CSQ: 23,99\r\nRING\r\n" + b"N" * 100 + b"\r\n")
+        clock.advance(599)
+        conn.dataReceived(b"AT\r\n")
+        clock.advance(1)
+        conn.dataReceived(b"BUSY\r\n")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert server.noise == 5
+    assert len(logged) == 2, logged
+    assert "b'+CSQ: 23,99'" in logged[0] and "1 noise lines so far" in logged[0]
+    assert "IMEI not yet known" in logged[0] and "every 10 min" in logged[0]
+    assert "b'BUSY'" in logged[1] and "5 noise lines so far" in logged[1]
+
+
 def test_non_ascii_lines_go_to_the_codec_even_without_brace_quote():
     conn, _, recorder, _, _ = connection()
     fullwidth = "｛“860000000000001，CH，0C49”｝".encode()
