@@ -55,6 +55,8 @@ def test_a_reading_that_was_not_stored_is_not_acknowledged(outcome):
         yield harness.collector.wait_for("reading").addTimeout(5, reactor)
         getattr(harness.collector, outcome)()
         assert (yield client.next_line()) == b"ERR not stored"
+        # counted: the reading, and the device.online held with it
+        assert harness.plugin.context.not_stored == (2 if outcome == "fail" else 0)
     finally:
         client.close()
         yield harness.stop()

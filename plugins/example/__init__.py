@@ -131,9 +131,9 @@ class ThermometerPlugin(Plugin):
         )
 
     def not_stored(self, conn: ThermometerProtocol, device: str, failure: Any) -> None:
-        self.log.error(
-            "reading of {device} not stored: {error}", device=device, error=failure.value
-        )
+        # Counted in events_not_stored_total and logged at most every 10 s: a full disk fails
+        # every reading, and one log line each would fill what is left of it.
+        self.context.note_not_stored(failure)
         conn.send("ERR not stored")
 
     def disconnected(self, conn: ThermometerProtocol) -> None:
