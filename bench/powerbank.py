@@ -183,6 +183,18 @@ async def baseline_throughput(reactor, cabinets: int, frames: int) -> dict:
     return {"frames": expected, "seconds": seconds, "fps": expected / seconds}
 
 
+def count_online(api_port: int) -> int:
+    """Online devices, read from the control API page by page."""
+    online, offset = 0, 0
+    while offset is not None:
+        url = f"http://127.0.0.1:{api_port}/api/v1/devices?online=true&limit=10000&offset={offset}"
+        with urllib.request.urlopen(url) as response:
+            page = json.load(response)
+        online += len(page["devices"])
+        offset = page["next_offset"]
+    return online
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -221,8 +233,7 @@ def idle_memory(directory: Path, cabinets: int) -> dict:
         connect_seconds = time.monotonic() - started
         time.sleep(3.0)  # the online events reach the sink; the daemon is idle again
         after = rss_kib(daemon.pid)
-        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/api/v1/devices") as response:
-            online = sum(d["online"] for d in json.load(response)["devices"])
+        online = count_online(api_port)
     finally:
         if load is not None:
             stop(load)

@@ -43,7 +43,7 @@ from twisted.web.resource import Resource
 
 from gatewayd.config_model import ApiSection
 from gatewayd.metrics import MetricsRenderer, oldest_age_seconds
-from gatewayd.plugin import Command, CommandError
+from gatewayd.plugin import Command, CommandError, Device
 from gatewayd.schema import is_loopback, split_host_port
 
 __all__ = [
@@ -433,11 +433,12 @@ class DevicesResource(JsonResource):
         limit = query_int(request, "limit", DEVICES_PAGE, 1, DEVICES_PAGE_MAX)
         offset = query_int(request, "offset", 0, 0, None)
         errors: dict[str, str] = {}
-        listed = itertools.islice(self._devices(wanted, online, errors), offset, offset + limit + 1)
-        devices = list(listed)
-        more = len(devices) > limit
+        page = list(
+            itertools.islice(self._devices(wanted, online, errors), offset, offset + limit + 1)
+        )
+        more = len(page) > limit
         body = {
-            "devices": devices[:limit],
+            "devices": [_device_json(name, device) for name, device in page[:limit]],
             "errors": errors,
             "offset": offset,
             "next_offset": offset + limit if more else None,
@@ -446,24 +447,29 @@ class DevicesResource(JsonResource):
 
     def _devices(
         self, wanted: list[str], online: bool | None, errors: dict[str, str]
-    ) -> Iterator[dict[str, Any]]:
-        """Every listed device as the API shows it, plugin after plugin, built as consumed."""
+    ) -> Iterator[tuple[str, Device]]:
+        """(plugin, device) for every listed device, plugin after plugin, as consumed: the
+        answer is built only for the page, though the devices before it are still walked."""
         for name, host in sorted(self.api.daemon.plugins.items()):
             if (wanted and name not in wanted) or host.plugin is None:
                 continue
             try:
                 for device in host.plugin.devices():
-                    if online is None or device.online is online:
-                        yield {
-                            "plugin": name,
-                            "id": device.id,
-                            "online": device.online,
-                            "last_seen": iso_utc(device.last_seen),
-                            "details": device.details,
-                        }
+                    if online is None or bool(device.online) is online:
+                        yield name, device
             except Exception:
                 log.failure("devices() of plugin {plugin} failed", plugin=name)
                 errors[name] = "listing the devices failed; see the daemon log"
+
+
+def _device_json(plugin: str, device: Device) -> dict[str, Any]:
+    return {
+        "plugin": plugin,
+        "id": device.id,
+        "online": bool(device.online),
+        "last_seen": iso_utc(device.last_seen),
+        "details": device.details,
+    }
 
 
 def _query_value(request: server.Request, name: str) -> str | None:

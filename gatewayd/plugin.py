@@ -367,7 +367,7 @@ class Plugin:
 
     def devices(self) -> Iterable[Device]:
         """The devices this plugin knows, online or not, in a stable order (``/api/v1/devices``
-        pages through it by position). A generator is fine: a page consumes only what it shows."""
+        pages through it by position). A generator is cheaper: a page stops reading at its end."""
         return []
 
     def devices_online(self) -> int:

@@ -557,7 +557,7 @@ class HeatingPlugin(Plugin):
 
     def devices(self) -> Iterator[Device]:
         """Gateways (``kind: gateway``), each followed by the meters seen behind it
-        (``kind: meter``); built as the API consumes them, so a page costs only its own."""
+        (``kind: meter``); built as the API consumes them, so a page stops at its own end."""
         for gateway in sorted(self.registry.gateways.values(), key=lambda g: g.gw_id):
             yield Device(
                 id=gateway.gw_id,
