@@ -179,16 +179,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def decoder_options(decoder: Callable[..., Any], given: list[str]) -> dict[str, Any]:
-    """``-o NAME=VALUE`` settings as keyword arguments of ``decoder``: the parameters after the
-    data whose type can be typed on a command line (``int``, ``str``, a ``Literal`` of them)."""
-    hints = typing.get_type_hints(decoder)
-    accepted: dict[str, tuple[Any, ...]] = {}
-    for name in list(inspect.signature(decoder).parameters)[1:]:
-        hint = hints.get(name)
-        if typing.get_origin(hint) is typing.Literal:
-            accepted[name] = typing.get_args(hint)
-        elif hint in (int, str):
-            accepted[name] = ()
+    """``-o NAME=VALUE`` settings as keyword arguments of ``decoder``: its parameters after the
+    data typed ``int``, ``str`` or a ``Literal`` of them, each value converted to that type."""
+    if not given:
+        return {}
+    accepted = _decoder_settings(decoder)
     options: dict[str, Any] = {}
     for item in given:
         name, equals, text = item.partition("=")
@@ -196,15 +191,49 @@ def decoder_options(decoder: Callable[..., Any], given: list[str]) -> dict[str, 
             raise ValueError(f"-o {item!r}: expected NAME=VALUE")
         if name not in accepted:
             raise ValueError(f"no option {name!r} (options: {', '.join(accepted) or 'none'})")
-        value: Any = int(text) if text.lstrip("-").isdigit() else text
-        allowed = accepted[name]
-        if allowed and value not in allowed:
-            choices = " or ".join(str(v) for v in allowed)
-            raise ValueError(f"-o {name}: expected {choices}, got {text!r}")
-        if hints.get(name) is int and not isinstance(value, int):
-            raise ValueError(f"-o {name}: expected a whole number, got {text!r}")
-        options[name] = value
+        if name in options:
+            raise ValueError(f"-o {name} is given more than once")
+        options[name] = _setting_value(name, accepted[name], text)
     return options
+
+
+def _decoder_settings(decoder: Callable[..., Any]) -> dict[str, Any]:
+    """Name → type of the settings ``decoder`` takes; none when it cannot be introspected."""
+    try:
+        hints = typing.get_type_hints(decoder)
+        parameters = list(inspect.signature(decoder).parameters.values())[1:]
+    except Exception:  # a partial, a C function, a name only imported for type checkers
+        return {}
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    settings = {}
+    for parameter in parameters:
+        hint = hints.get(parameter.name)
+        literal = typing.get_origin(hint) is typing.Literal
+        if parameter.kind in keyword and (hint in (int, str) or literal):
+            settings[parameter.name] = hint
+    return settings
+
+
+def _setting_value(name: str, hint: Any, text: str) -> Any:
+    if hint is str:
+        return text
+    if hint is int:
+        value = _strict_int(text)
+        if value is None:
+            raise ValueError(f"-o {name}: expected a whole number, got {text!r}")
+        return value
+    choices = typing.get_args(hint)
+    for choice in choices:
+        if (str(choice) == text) if isinstance(choice, str) else (_strict_int(text) == choice):
+            return choice
+    listed = " or ".join(str(choice) for choice in choices)
+    raise ValueError(f"-o {name}: expected {listed}, got {text!r}")
+
+
+def _strict_int(text: str) -> int | None:
+    """A whole number written in ASCII digits with an optional minus; None otherwise."""
+    digits = text[1:] if text.startswith("-") else text
+    return int(text) if digits.isascii() and digits.isdigit() else None
 
 
 def cmd_command(args: argparse.Namespace) -> int:
