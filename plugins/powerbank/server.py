@@ -36,10 +36,21 @@ __all__ = ["CabinetConnection", "CabinetHandler", "CabinetServer", "FrameReceive
 
 log = Logger(namespace="gatewayd.plugins.powerbank.server")
 
-#: Seconds between two samples of modem noise in the log (GPRS modems chatter all day), and the
-#: bytes of one sample.
-NOISE_LOG_INTERVAL = 600.0
+#: Noise lines (``AT``, ``+CSQ: 23,99``: GPRS modems chatter all day) after which a connection
+#: with no valid frame yet is logged; the bytes of its sample; and the seconds between two such
+#: lines, whichever connections they are about.
+NOISE_SUSPECT = 20
 NOISE_SAMPLE = 60
+NOISE_LOG_INTERVAL = 10.0
+_QUOTED = re.compile(rb'"[^"]*"')
+
+
+def noise_sample(noise: bytes) -> str:
+    """The start of ``noise`` for the log, quoted strings masked (``AT+QICSGP`` carries the APN's
+    user and password)."""
+    masked = _QUOTED.sub(b'"..."', noise)
+    return repr(masked[:NOISE_SAMPLE]) + ("..." if len(masked) > NOISE_SAMPLE else "")
+
 
 _FRAME_START = b'{"'
 #: Where a frame ends: at ``\n``, ``\r`` (or both), and right after ``"}``.
@@ -218,6 +229,7 @@ class CabinetConnection(FrameReceiver, TimeoutMixin):
         self.address = "?"
         self.close_reason: str | None = None
         self.crc_warned = False
+        self.noise_lines = 0
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -319,19 +331,18 @@ class CabinetServer(protocol.ServerFactory):
         return CabinetConnection(self)
 
     def noise_received(self, conn: CabinetConnection, noise: bytes) -> None:
-        """Count modem noise; show a sample now and then, so a cabinet whose every line is
-        taken for noise (another protocol, a broken encoding) can be found from the log."""
+        """Count modem noise. A connection that sent ``NOISE_SUSPECT`` noise lines and still no
+        valid frame is logged once with a sample: a cabinet whose every line is taken for noise
+        (another protocol, a broken encoding) must be findable without a capture."""
         self.noise += 1
-        if self._noise_log.due():
-            log.info(
-                "modem noise from {address} (IMEI {imei}) dropped: {sample} ({count} noise "
-                "lines so far, in noise_lines_total; a sample is logged at most every "
-                "{interval:.0f} min)",
+        conn.noise_lines += 1
+        if conn.noise_lines == NOISE_SUSPECT and conn.imei is None and self._noise_log.due():
+            log.warn(
+                "cabinet at {address} sent {count} lines the codec cannot use and no valid frame "
+                "yet (another protocol or encoding?); the last: {sample}",
                 address=conn.address,
-                imei=conn.imei or "not yet known",
-                sample=repr(noise[:NOISE_SAMPLE]) + ("..." if len(noise) > NOISE_SAMPLE else ""),
-                count=self.noise,
-                interval=NOISE_LOG_INTERVAL / 60,
+                count=conn.noise_lines,
+                sample=noise_sample(noise),
             )
 
     def connection_closed(self, conn: CabinetConnection) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 
 import pytest
 import pytest_twisted
@@ -91,7 +92,8 @@ def test_modem_noise_is_dropped_and_frames_resynchronise_on_brace_quote():
     assert server.noise == 4  # AT, +CSQ, RING, xx
 
 
-def test_modem_noise_is_sampled_in_the_log_at_most_every_ten_minutes():
+def powerbank_log_lines() -> tuple[list[str], Callable[[], None]]:
+    """(lines the power-bank server logs, a function that stops collecting them)."""
     from twisted.logger import formatEvent, globalLogPublisher
 
     logged: list[str] = []
@@ -101,20 +103,52 @@ def test_modem_noise_is_sampled_in_the_log_at_most_every_ten_minutes():
             logged.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)
+    return logged, lambda: globalLogPublisher.removeObserver(observe)
+
+
+def test_a_connection_sending_only_noise_is_logged_once_with_a_masked_sample():
+    logged, stop = powerbank_log_lines()
     try:
         conn, _, recorder, clock, server = connection()
-        conn.dataReceived(b"+CSQ: 23,99\r\nRING\r\n" + b"N" * 100 + b"\r\n")
-        clock.advance(599)
-        conn.dataReceived(b"AT\r\n")
-        clock.advance(1)
-        conn.dataReceived(b"BUSY\r\n")
+        conn.dataReceived(b"+CSQ: 23,99\r\n" * 19)
+        assert logged == []  # modem chatter alone is not news
+        conn.dataReceived(b'AT+QICSGP=1,"cmnet","user","secret-pw",1\r\n')
+        conn.dataReceived(b"+CSQ: 23,99\r\n" * 50)
     finally:
-        globalLogPublisher.removeObserver(observe)
-    assert server.noise == 5
-    assert len(logged) == 2, logged
-    assert "b'+CSQ: 23,99'" in logged[0] and "1 noise lines so far" in logged[0]
-    assert "IMEI not yet known" in logged[0] and "every 10 min" in logged[0]
-    assert "b'BUSY'" in logged[1] and "5 noise lines so far" in logged[1]
+        stop()
+    assert server.noise == 70 and recorder.frames == []
+    [line] = logged
+    assert "sent 20 lines the codec cannot use and no valid frame yet" in line
+    assert 'b\'AT+QICSGP=1,"...","...","...",1\'' in line
+    assert "secret" not in line and "user" not in line.split("yet")[1]
+
+
+def test_noise_from_a_cabinet_that_sent_a_valid_frame_is_only_counted():
+    logged, stop = powerbank_log_lines()
+    try:
+        conn, _, _, _, server = connection()
+        conn.imei = IMEI  # the registry sets it on the first valid frame
+        conn.dataReceived(b"RING\r\n" * 40)
+    finally:
+        stop()
+    assert server.noise == 40 and logged == []
+
+
+def test_noise_warnings_about_many_connections_come_at_most_every_10_s():
+    logged, stop = powerbank_log_lines()
+    try:
+        first, _, _, clock, server = connection()
+        first.dataReceived(b"xx\r\n" * 20)
+        second = server.buildProtocol(None)
+        second.makeConnection(StringTransportWithDisconnection())
+        second.dataReceived(b"yy\r\n" * 20)  # within 10 s of the first: not logged
+        clock.advance(10)
+        third = server.buildProtocol(None)
+        third.makeConnection(StringTransportWithDisconnection())
+        third.dataReceived(b"zz\r\n" * 20)
+    finally:
+        stop()
+    assert len(logged) == 2 and "b'xx'" in logged[0] and "b'zz'" in logged[1]
 
 
 def test_non_ascii_lines_go_to_the_codec_even_without_brace_quote():
