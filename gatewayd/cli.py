@@ -19,19 +19,9 @@ from typing import Any
 
 from gatewayd import __version__, client
 from gatewayd.registry import PLUGIN_GROUP, load_all
+from gatewayd.schema import seconds_argument
 
 DEFAULT_CONFIG = "/etc/gatewayd/gatewayd.yaml"
-
-
-def seconds_argument(value: str) -> float:
-    """An argparse ``type``: a number of seconds more than 0."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
-    if not seconds > 0 or seconds == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected seconds more than 0, got {value}")
-    return seconds
 
 
 def demo_config_path() -> Path:

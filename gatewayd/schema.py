@@ -40,6 +40,7 @@ __all__ = [
     "parse_host_port",
     "count_argument",
     "host_port_argument",
+    "seconds_argument",
     "is_loopback",
     "parse_duration",
     "parse_byte_size",
@@ -91,6 +92,17 @@ def count_argument(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected 1 or more, got {number}")
     return number
+
+
+def seconds_argument(value: str) -> float:
+    """An argparse ``type`` for durations and intervals given in seconds: a number more than 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {value!r}") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds more than 0, got {value}")
+    return seconds
 
 
 def split_host_port(value: str) -> tuple[str, int]:

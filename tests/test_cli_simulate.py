@@ -25,6 +25,10 @@ def simulate(*args: str) -> subprocess.CompletedProcess:
         (("powerbank", "--cabinets", "-1"), "argument --cabinets: expected 1 or more, got -1"),
         (("heating", "--gateways", "x"), "argument --gateways: expected a whole number, got 'x'"),
         (
+            ("example", "--interval", "0"),
+            "argument --interval: expected seconds more than 0, got 0",
+        ),
+        (
             ("example", "--connect", "nowhere"),
             "argument --connect: expected \"host:port\", got 'nowhere'",
         ),

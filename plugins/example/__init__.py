@@ -37,6 +37,7 @@ from gatewayd.schema import (
     PositiveDuration,
     count_argument,
     host_port_argument,
+    seconds_argument,
     split_host_port,
 )
 
@@ -241,7 +242,9 @@ class ThermometerSimulator(Simulator):
             help="plugin address",
         )
         parser.add_argument("--devices", type=count_argument, default=3, help="how many")
-        parser.add_argument("--interval", type=float, default=2.0, help="seconds per reading")
+        parser.add_argument(
+            "--interval", type=seconds_argument, default=2.0, help="seconds per reading"
+        )
 
     @classmethod
     def from_args(cls, args: Any, reactor: Any) -> ThermometerSimulator:
