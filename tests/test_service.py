@@ -25,21 +25,33 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_config(tmp_path: Path, device_port: int, api_port: int, sink: str) -> Path:
+def daemon_config(tmp_path: Path, api_port: int, sections: str) -> Path:
+    """``tmp_path/gatewayd.yaml``: gateway ``t1`` with its state in ``tmp_path``, the API on
+    ``api_port``, then ``sections`` (plugins, sinks, routes) as YAML."""
     config = tmp_path / "gatewayd.yaml"
     config.write_text(
         f"""\
 gateway: {{id: t1, state_dir: {tmp_path / "state"}, log_level: info, shutdown_timeout: 8s}}
 api: {{listen: "127.0.0.1:{api_port}"}}
+"""
+        + sections
+    )
+    return config
+
+
+def write_config(tmp_path: Path, device_port: int, api_port: int, sink: str) -> Path:
+    return daemon_config(
+        tmp_path,
+        api_port,
+        f"""\
 plugins:
   thermo: {{type: example, listen: "127.0.0.1:{device_port}"}}
 sinks:
   store: {sink}
 routes:
   - {{match: {{type: reading}}, sinks: [store]}}
-"""
+""",
     )
-    return config
 
 
 def start_daemon(config: Path, env_extra: dict | None = None) -> subprocess.Popen:

@@ -16,17 +16,16 @@ from pathlib import Path
 import pytest
 
 from gatewayd.testing import free_port
-from tests.test_service import wait_until
+from tests.test_service import daemon_config, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def write_config(tmp_path: Path, broker_port: int, api_port: int, db: Path) -> Path:
-    config = tmp_path / "gatewayd.yaml"
-    config.write_text(
+    return daemon_config(
+        tmp_path,
+        api_port,
         f"""\
-gateway: {{id: t1, state_dir: {tmp_path / "state"}, log_level: info, shutdown_timeout: 8s}}
-api: {{listen: "127.0.0.1:{api_port}"}}
 plugins:
   heating:
     type: heating
@@ -35,9 +34,8 @@ sinks:
   store: {{type: sqlite, path: {db}}}
 routes:
   - {{match: {{type: meter.reading}}, sinks: [store]}}
-"""
+""",
     )
-    return config
 
 
 def readings(db: Path) -> list[tuple[str, str]]:

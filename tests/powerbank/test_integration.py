@@ -30,6 +30,8 @@ from twisted.internet import reactor
 
 from gatewayd.plugin import DeviceRefused
 from gatewayd.testing import PluginHarness, free_port, sleep, wait_for_port, wait_until
+from tests.test_service import daemon_config
+from tests.test_service import wait_until as wait_for  # blocking: for the daemon as a process
 
 IMEI = "860000000000001"
 CODEC = pb.Codec()
@@ -159,11 +161,10 @@ def test_simulated_reconnects_without_close_are_replaced():
 def write_config(
     tmp_path: Path, device_port: int, api_port: int, rate_limit: str = "{rate: 20, burst: 40}"
 ) -> Path:
-    config = tmp_path / "gatewayd.yaml"
-    config.write_text(
+    return daemon_config(
+        tmp_path,
+        api_port,
         f"""\
-gateway: {{id: t1, state_dir: {tmp_path / "state"}, log_level: info, shutdown_timeout: 8s}}
-api: {{listen: "127.0.0.1:{api_port}"}}
 plugins:
   cabinets:
     type: powerbank
@@ -176,9 +177,8 @@ sinks:
   store: {{type: sqlite, path: {tmp_path / "events.db"}}}
 routes:
   - {{match: {{type: "*"}}, sinks: [store]}}
-"""
+""",
     )
-    return config
 
 
 def start_daemon(config: Path) -> subprocess.Popen:
@@ -254,15 +254,6 @@ def rows(db: Path) -> list[tuple[str, str | None, dict]]:
                 raise
             return []
     return [(type_, device, json.loads(data)) for type_, device, data in found]
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.mark.integration
