@@ -313,7 +313,7 @@ class SinkRunner:
         self._woken = False
         d = self.queue.read_batch(limit, ack_upto=self._take_ack())
         self._current = d
-        d.addCallbacks(self._got_batch, self._read_failed, callbackArgs=(limit,))
+        d.addCallbacks(self._got_batch, self._read_failed, callbackArgs=(limit, self.replaying))
 
     def _timer_fired(self) -> None:
         self._timer = None
@@ -328,9 +328,9 @@ class SinkRunner:
             self._pump()
         self._send_due_ack()
 
-    def _got_batch(self, rows: list[tuple[int, str]], limit: int) -> None:
+    def _got_batch(self, rows: list[tuple[int, str]], limit: int, paced: bool) -> None:
         self._current = None
-        self._count_replayed(rows, limit)
+        self._count_replayed(rows, limit if paced else None)
         if self._stopping or not rows:  # a read during shutdown stays for the next start
             self._idle()
             return
@@ -373,7 +373,7 @@ class SinkRunner:
         if ahead is None or not ahead.rows or self._stopping:
             self._idle()
             return
-        self._count_replayed(ahead.rows, ahead.limit)
+        self._count_replayed(ahead.rows, None)  # read ahead before any replay began
         self._batch = self._decode(ahead.rows)
         self._prefetch()
         self._write()
@@ -418,7 +418,8 @@ class SinkRunner:
             self._recovered()
             self.state = "ok"
             if self.config.replay_rate is not None:
-                self._start_replay(full_bucket=False, until=self.queue.last_seq)
+                written = len(events.payloads)  # the retried batch is the backlog's first part
+                self._start_replay(full_bucket=False, until=self.queue.last_seq, replayed=written)
         if self._next is not None and not self._next.done:
             self._awaiting_next = True
         else:
@@ -434,12 +435,17 @@ class SinkRunner:
             self._last_ack = self.queue.ack(upto)
             self._last_ack.addErrback(self._ack_failed)
 
-    def _count_replayed(self, rows: list[tuple[int, str]], limit: int) -> None:
-        if self.replaying:
-            self._tokens -= len(rows)
-            self._replayed += len(rows)
-            if len(rows) < limit or rows[-1][0] >= self._replay_until:
-                self._end_replay()
+    def _count_replayed(self, rows: list[tuple[int, str]], paced_limit: int | None) -> None:
+        """Count a batch against the replay; end it at the backlog's last entry, or when a paced
+        read found fewer entries than it asked for (the queue has nothing more). A short batch
+        read before the replay began (the read-ahead of an outage) says nothing about the end."""
+        if not self.replaying:
+            return
+        self._tokens -= len(rows)
+        self._replayed += len(rows)
+        short = paced_limit is not None and len(rows) < paced_limit
+        if short or not rows or rows[-1][0] >= self._replay_until:
+            self._end_replay()
 
     def _write_failed(self, failure: Failure) -> None:
         self._current = None
@@ -527,13 +533,14 @@ class SinkRunner:
         rate = self.config.replay_rate or 1.0
         return max(1.0, min(float(self.config.batch_size), rate))
 
-    def _start_replay(self, *, full_bucket: bool, until: int) -> None:
-        """Pace reads until the entry ``until`` (the last one queued during the outage)."""
+    def _start_replay(self, *, full_bucket: bool, until: int, replayed: int = 0) -> None:
+        """Pace reads until the entry ``until`` (the last one queued during the outage);
+        ``replayed``: entries of the backlog already written (the batch that was retried)."""
         self.replaying = True
         self._tokens = self._bucket_size() if full_bucket else 0.0
         self._tokens_at = self.reactor.seconds()
         self._replay_started = self._tokens_at
-        self._replayed = 0
+        self._replayed = replayed
         self._replay_until = until
         self.log.info(
             "sink {sink}: replaying the backlog ({depth} events queued) at up to {rate:g} events/s",

@@ -230,6 +230,46 @@ def test_replay_after_an_outage_is_paced() -> None:
     assert not runner.replaying
 
 
+def test_replay_is_paced_even_when_the_batch_read_ahead_was_short() -> None:
+    # The fault run: the batch read ahead before the outage held fewer entries than a batch;
+    # after recovery that short batch ended the replay and the whole backlog went at once.
+    clock, queue, sink, runner = setup(0, replay_rate=20.0)
+    runner.start()
+    settle(clock)
+    sink.fail_writes = 1
+    for n in range(14):
+        queue.put(payload(n))  # one batch of 10 (fails) and a read-ahead of 4
+    settle(clock)
+    assert runner.state == "retrying"
+    for n in range(14, 214):
+        queue.put(payload(n))  # the backlog grows during the outage
+    settle(clock, 1.0)  # the retry succeeds
+    assert runner.state == "ok" and runner.replaying
+    for second in range(1, 10):
+        run_for(clock, 1.0)
+        assert len(sink.delivered) <= 14 + 20 * second  # paced, whatever was read ahead
+    run_for(clock, 2.0)
+    assert sink.delivered == list(range(214)) and not runner.replaying
+
+
+def test_replay_log_counts_the_whole_backlog() -> None:
+    clock, queue, sink, runner = setup(0, replay_rate=50.0)
+    lines: list[dict] = []
+    runner.log.observer = lines.append
+    runner.start()
+    settle(clock)
+    sink.fail_writes = 1
+    for n in range(14):
+        queue.put(payload(n))
+    settle(clock)
+    for n in range(14, 114):
+        queue.put(payload(n))
+    settle(clock, 1.0)
+    run_for(clock, 5.0)
+    drained = [e for e in lines if "backlog drained" in e.get("log_format", "")]
+    assert [e["count"] for e in drained] == [114]
+
+
 def test_live_events_after_the_backlog_are_not_throttled() -> None:
     clock, queue, sink, runner = setup(30, replay_rate=10.0)  # backlog from the previous run
     runner.start()
