@@ -38,6 +38,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
 
 from gatewayd import registry
 from gatewayd.config_model import ApiSection, Config, GatewaySection, RouteConfig
+from gatewayd.files import NotPrivateError, read_private_text
 from gatewayd.plugin import Plugin
 from gatewayd.schema import PluginConfig, SinkConfig, is_loopback, read_secret, split_host_port
 from gatewayd.sinks.base import Sink
@@ -425,11 +426,14 @@ class _FileChecker:
 
     def _check_api(self, api: ApiSection) -> None:
         """What would stop the daemon only after its plugins started: an unreadable or empty
-        token file, and an API open to the network without a token."""
+        token file, one that group or others could read, and an API open to the network
+        without a token."""
         if api.token_file is not None:
             path = self.path.parent / api.token_file  # an absolute path stays as it is
             try:
-                token = path.read_text(encoding="utf-8").strip()
+                token = read_private_text(path).strip()
+            except NotPrivateError as exc:  # the same check, and message, as the ESAM key file
+                self.error(("api", "token_file"), str(exc))
             except (OSError, UnicodeDecodeError) as exc:
                 reason = getattr(exc, "strerror", None) or "not UTF-8 text"
                 self.error(("api", "token_file"), f"cannot read {path}: {reason}")

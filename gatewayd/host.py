@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gatewayd.events import Event
+from gatewayd.files import private_dir
 from gatewayd.plugin import Plugin, PluginContext
 from gatewayd.schema import PluginConfig
 
@@ -86,7 +87,7 @@ class PluginHost:
         return d
 
     def _construct_and_start(self) -> Any:
-        self.context.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.context.state_dir)  # 0700: plugins keep device data there
         self.plugin = self.plugin_class(self.name, self.config, self.context)
         return self.plugin.start()
 

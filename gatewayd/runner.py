@@ -7,6 +7,7 @@ SIGTERM and SIGINT stop the reactor; a before-shutdown trigger stops the daemon 
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -14,13 +15,21 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from gatewayd.config_model import Config
+from gatewayd.files import PRIVATE_UMASK
 from gatewayd.logsetup import start_logging
 
 log = Logger(namespace="gatewayd.runner")
 
 
 def run_daemon(config: Config, *, demo: bool = False, duration: float | None = None) -> int:
-    """Run until SIGTERM/SIGINT (or ``duration``); returns the process exit status."""
+    """Run until SIGTERM/SIGINT (or ``duration``); returns the process exit status.
+
+    The process umask becomes 0077 first: the queues, sink files and plugin state hold IMEIs,
+    meter data and ESAM records, and not every file is created by gatewayd's own code (SQLite
+    creates its databases 0644 less the umask). The unit sets ``UMask=0077`` too; this holds
+    for ``gatewayd run`` from a shell and for the demo as well.
+    """
+    os.umask(PRIVATE_UMASK)
     start_logging(config.gateway.log_level, config.gateway.log_format)
     exit_status = [0]
 

@@ -7,6 +7,8 @@ Everything a plugin emitted before it stopped is durable before the process exit
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from twisted.logger import Logger
 from gatewayd.config_model import Config
 from gatewayd.delivery import SinkRunner
 from gatewayd.events import Event
+from gatewayd.files import private_dir, read_private_text, tighten
 from gatewayd.host import PluginHost
 from gatewayd.pipeline import Pipeline
 from gatewayd.queue import QueueStore, stranded_queues
@@ -23,6 +26,15 @@ from gatewayd.sdnotify import Notifier
 from gatewayd.sinks.base import SinkContext
 
 log = Logger(namespace="gatewayd.daemon")
+
+
+_COMPANION = re.compile(r"(-wal|-shm|-journal|\.\d+)?")
+
+
+def _is_companion(name: str, file_name: str) -> bool:
+    """``name`` is ``file_name`` or a file made beside it: SQLite's ``-wal``, ``-shm`` and
+    ``-journal``, or a rotated ``.N``."""
+    return name.startswith(file_name) and _COMPANION.fullmatch(name[len(file_name) :]) is not None
 
 
 class ReactorLagMeter:
@@ -87,6 +99,54 @@ class Daemon:
                 sink=path.stem,
             )
 
+    def _prepare_state_dir(self) -> None:
+        """Create ``state_dir`` and its ``queues`` directory private (0700), and take group and
+        others' bits off what an older gatewayd (or a looser umask) left readable there: the
+        files hold IMEIs, meter data and ESAM records."""
+        try:
+            private_dir(self.state_dir)
+            private_dir(self.state_dir / "queues")
+        except OSError as exc:
+            raise OSError(f"gateway.state_dir {self.state_dir}: {exc.strerror}") from None
+        changed, failed = tighten(self._own_paths(), follow=[self.state_dir])
+        if changed:
+            log.warn(
+                "made {count} files and directories in {state_dir} private (0600 files, 0700 "
+                "directories): group or others could read them",
+                count=changed,
+                state_dir=str(self.state_dir),
+            )
+        for problem in failed:
+            log.warn("cannot make {problem} private", problem=problem)
+
+    def _own_paths(self) -> list[Path]:
+        """What gatewayd creates in ``state_dir``: the directory itself, the queues, every
+        plugin's directory and the files of sinks whose path is inside ``state_dir`` (with
+        SQLite's ``-wal``/``-shm``/``-journal`` and the jsonl sink's rotated ``.N`` files).
+        Nothing else there is touched: ``state_dir`` may be shared with other files."""
+        root = self.state_dir
+        paths = [root]
+        for directory in (root / "queues", root / "plugins"):
+            for top, dirs, files in os.walk(directory):
+                paths.append(Path(top))
+                paths.extend(Path(top) / name for name in dirs + files)
+        real_root = root.resolve()
+        for sink_config in self.config.sinks.values():
+            given = getattr(sink_config, "path", None)
+            if not isinstance(given, str | Path):
+                continue
+            target = (root / given).resolve()  # an absolute path stays as it is
+            if target == real_root or not target.is_relative_to(real_root):
+                continue
+            paths.extend(p for p in target.parents if p.is_relative_to(real_root))
+            if target.parent.is_dir():
+                paths.extend(
+                    sibling
+                    for sibling in target.parent.iterdir()
+                    if _is_companion(sibling.name, target.name)
+                )
+        return list(dict.fromkeys(paths))
+
     # --- figures the API reads --------------------------------------------------------------
 
     @property
@@ -104,7 +164,8 @@ class Daemon:
         token_file = self.config.api.token_file
         if token_file is None:
             return None
-        token = self._resolve(token_file).read_text(encoding="utf-8").strip()
+        # Checked again here: the file may have been loosened since the config was checked.
+        token = read_private_text(self._resolve(token_file)).strip()
         if not token:
             raise ValueError(f"api.token_file {token_file} is empty")
         return token
@@ -118,10 +179,7 @@ class Daemon:
 
     @defer.inlineCallbacks
     def start(self) -> Any:
-        try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OSError(f"gateway.state_dir {self.state_dir}: {exc.strerror}") from None
+        self._prepare_state_dir()
         self._warn_of_stranded_queues()
         self._lag.start()
         self.queue_store.start()

@@ -7,6 +7,7 @@ paths, so the tests do not depend on which plugins are installed.
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -88,6 +89,13 @@ def errors_of(path: Path, environ: dict[str, str] | None = None) -> list[str]:
     return caught.value.errors
 
 
+def write_token(path: Path, text: str, mode: int = 0o600) -> Path:
+    """A token file; 0600 unless told: anything looser is refused."""
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
 GOOD = f"""
 gateway: {{id: edge-01, log_level: debug}}
 api:
@@ -111,7 +119,7 @@ routes:
 
 
 def test_good_file_gives_validated_models(tmp_path: Path) -> None:
-    (tmp_path / "api.token").write_text("a-token\n")
+    write_token(tmp_path / "api.token", "a-token\n")
     path = write(tmp_path, GOOD)
     config = load_config(path, environ={})
     assert config.path == path
@@ -651,19 +659,67 @@ def test_secret_file_errors(tmp_path: Path) -> None:
 
 
 def test_a_declared_file_field_is_left_to_the_model(tmp_path: Path) -> None:
-    (tmp_path / "api.token").write_text("a-token\n")
+    write_token(tmp_path / "api.token", "a-token\n")
     path = write(tmp_path, "api:\n  token_file: api.token\n")
     assert load_config(path, environ={}).api.token_file == Path("api.token")  # not its content
 
 
 def test_the_api_token_file_must_be_readable_and_not_empty(tmp_path: Path) -> None:
-    (tmp_path / "empty.token").write_text("\n")
+    write_token(tmp_path / "empty.token", "\n")
     path = write(tmp_path, "api:\n  token_file: missing.token\n")
     assert errors_of(path) == [
         f"{path}:2: api.token_file: cannot read {tmp_path}/missing.token: No such file or directory"
     ]
     path = write(tmp_path, "api:\n  token_file: empty.token\n")
     assert errors_of(path) == [f"{path}:2: api.token_file: {tmp_path}/empty.token is empty"]
+
+
+def _mode_message(path: Path, mode: int) -> str:
+    return f"{path} has mode {mode:04o}; it must be 0600 or stricter (chmod 600 {path})"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o700], ids=lambda m: f"{m:04o}")
+def test_a_token_file_others_could_read_is_refused(tmp_path: Path, mode: int) -> None:
+    token = write_token(tmp_path / "api.token", "a-token\n", mode)
+    path = write(tmp_path, "api:\n  listen: 127.0.0.1:8720\n  token_file: api.token\n")
+    assert errors_of(path) == [f"{path}:3: api.token_file: {_mode_message(token, mode)}"]
+    os.chmod(token, 0o400)  # read-only for the daemon's user is stricter, and fine
+    assert load_config(path, environ={}).api.token_file == Path("api.token")
+
+
+def test_a_token_file_is_judged_through_a_symlink_by_its_target(tmp_path: Path) -> None:
+    target = write_token(tmp_path / "real.token", "a-token\n", 0o644)
+    link = tmp_path / "api.token"
+    link.symlink_to(target)  # the link itself is 0777: what counts is the file read
+    path = write(tmp_path, "api:\n  token_file: api.token\n")
+    assert errors_of(path) == [f"{path}:2: api.token_file: {_mode_message(link, 0o644)}"]
+    os.chmod(target, 0o600)
+    assert load_config(path, environ={}).api.token_file == Path("api.token")
+
+
+def test_the_token_file_check_is_the_esam_key_file_check(tmp_path: Path) -> None:
+    """One check, one message: the ESAM key file's, after its ``key file`` prefix."""
+    from gatewayd.plugins.esam.keys import KeyFileError, load_key_file
+
+    secret = write_token(tmp_path / "secret", "a-token\n", 0o644)
+    path = write(tmp_path, f"api:\n  token_file: {secret}\n")
+    (error,) = errors_of(path)
+    with pytest.raises(KeyFileError) as refused:
+        load_key_file(secret)
+    prefix = f"{path}:2: api.token_file: "
+    assert error.startswith(prefix)
+    assert str(refused.value) == "key file " + error.removeprefix(prefix)
+
+
+def test_check_config_refuses_a_token_file_others_could_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token = write_token(tmp_path / "api.token", "a-token\n", 0o644)
+    path = write(tmp_path, GOOD)
+    assert check_config_main(str(path)) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:4: api.token_file: {_mode_message(token, 0o644)}\n" in err
+    assert "a-token" not in err
 
 
 def test_an_api_open_to_the_network_needs_a_token(tmp_path: Path) -> None:
@@ -747,7 +803,7 @@ def test_unused_sink_is_a_warning(tmp_path: Path) -> None:
 
 
 def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "api.token").write_text("a-token\n")
+    write_token(tmp_path / "api.token", "a-token\n")
     path = write(tmp_path, GOOD)
     assert check_config_main(str(path)) == 0
     out, err = capsys.readouterr()

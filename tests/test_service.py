@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -202,6 +203,121 @@ def test_kill_9_loses_no_acknowledged_event(tmp_path):
         assert proc.wait(10) == 0
 
 
+def private_modes(root: Path) -> dict[str, str]:
+    """Every directory (``root`` too) and file under ``root`` that is not 0700 / 0600."""
+    loose = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        expected = 0o700 if path.is_dir() else 0o600
+        if mode != expected:
+            loose[str(path.relative_to(root.parent))] = f"{mode:04o}"
+    return loose
+
+
+def test_everything_in_state_dir_is_private_whatever_the_umask(tmp_path):
+    """Started with the usual shell umask (0022): the state directory, the queues (with their
+    -wal and -shm), the sink files inside it and the plugin's directory are 0700 / 0600."""
+    device_port, api_port = free_port(), free_port()
+    config = daemon_config(
+        tmp_path,
+        api_port,
+        f"""\
+plugins:
+  thermo: {{type: example, listen: "127.0.0.1:{device_port}"}}
+sinks:
+  store: {{type: sqlite, path: events.db}}
+  lines: {{type: jsonl, path: out/events.jsonl}}
+routes:
+  - {{match: {{type: "*"}}, sinks: [store, lines]}}
+""",
+    )
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gatewayd", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+    try:
+        wait_for_port(device_port, timeout=15)
+        device = Device(device_port)
+        names = [f"p{i}" for i in range(20)]
+        device.send_readings(names)
+        assert device.read_oks(20) == 20
+        device.close()
+        assert wait_until(lambda: set(names) <= set(sink_devices(state / "events.db")))
+        created = {p.name for p in state.rglob("*")}
+        assert {"store.db-wal", "store.db-shm", "events.db-wal", "events.jsonl", "thermo"} <= (
+            created
+        )
+        assert private_modes(state) == {}  # while running: the WAL files exist
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert private_modes(state) == {}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_what_an_older_gatewayd_left_readable_is_made_private_at_start(tmp_path):
+    """A state directory from before (0755, 0644 queue and sink files) is tightened once at
+    start, with one log line counting what changed; what gatewayd did not make is left alone."""
+    device_port, api_port = free_port(), free_port()
+    config = write_config(tmp_path, device_port, api_port, "{type: sqlite, path: db/events.db}")
+    state = tmp_path / "state"
+    old_umask = os.umask(0o022)
+    try:
+        for directory in ("queues", "plugins/thermo", "db"):
+            (state / directory).mkdir(parents=True)
+        for name in ("queues/store.db", "queues/gone.db", "db/events.db", "db/events.db.bak"):
+            sqlite3.connect(state / name).close()
+        (state / "plugins" / "thermo" / "seen.json").write_text("{}")
+        (state / "README.txt").write_text("not gatewayd's")
+        os.chmod(state, 0o755)
+    finally:
+        os.umask(old_umask)
+    before = private_modes(state)
+    assert before["state"] == "0755" and before["state/queues/store.db"] == "0644"
+    proc = start_daemon(config)
+    try:
+        wait_for_port(device_port, timeout=15)
+        device = Device(device_port)
+        device.send_readings(["r1"])
+        assert device.read_oks(1) == 1  # the reactor runs: SIGTERM is handled
+        device.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    stderr = proc.stderr.read().decode()
+    # state, queues, store.db, gone.db, plugins, plugins/thermo, seen.json, db, db/events.db
+    assert stderr.count(f"made 9 files and directories in {state} private") == 1, stderr
+    assert private_modes(state) == {
+        "state/README.txt": "0644",  # not gatewayd's: left as it was
+        "state/db/events.db.bak": "0644",  # nor a file beside the sink's that is not its own
+    }
+
+
+def test_a_token_file_loosened_after_the_config_check_stops_the_start(tmp_path):
+    from twisted.internet import reactor
+
+    from gatewayd.config import load_config
+    from gatewayd.service import Daemon
+
+    token = tmp_path / "api.token"
+    token.write_text("a-token\n")
+    token.chmod(0o600)
+    config = daemon_config(tmp_path, free_port(), "")
+    config.write_text(config.read_text().replace("api: {", "api: {token_file: api.token, "))
+    loaded = load_config(config, environ={})
+    token.chmod(0o644)
+    with pytest.raises(ValueError, match=f"{token} has mode 0644; it must be 0600 or stricter"):
+        Daemon(loaded, reactor)
+
+
 def test_bad_config_exits_2_naming_file_line_and_key(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text(
@@ -253,6 +369,8 @@ def test_systemd_unit_verifies(tmp_path):
         "Restart=on-failure",
         "DynamicUser=yes",
         "StateDirectory=",
+        "StateDirectoryMode=0700",
+        "UMask=0077",
         "ConfigurationDirectory=",
         "SupplementaryGroups=dialout",
     ):

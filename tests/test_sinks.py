@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 
@@ -271,6 +273,66 @@ async def test_jsonl_keep_zero_and_partial_line_repair(tmp_path: Path) -> None:
     assert kept == events[-len(kept) :] and 1 <= len(kept) <= 2
     assert path.stat().st_size <= config.rotate_bytes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.jsonl"]  # keep 0: no old files
+
+
+@pytest.fixture
+def loose_umask():
+    """The usual shell umask (0022): files would be 0644 unless created private on purpose."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def modes_under(root: Path) -> dict[str, int]:
+    """``relative path: permission bits`` of ``root``'s directories below it and its files."""
+    return {
+        str(path.relative_to(root)): stat.S_IMODE(path.lstat().st_mode)
+        for path in sorted(root.rglob("*"))
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_creates_its_file_wal_shm_and_directories_private(
+    tmp_path: Path, loose_umask: None
+) -> None:
+    state_dir = tmp_path / "state"
+    config = SqliteSink.Config(type="sqlite", path="data/events.db")
+    sink = SqliteSink("store", config, context(state_dir))
+    await sink.open()
+    try:
+        await sink.write(make_events(3))
+        modes = modes_under(tmp_path)  # while open: the -wal and -shm files exist
+    finally:
+        await sink.close()
+    assert modes == {
+        "state": 0o700,
+        "state/data": 0o700,
+        "state/data/events.db": 0o600,
+        "state/data/events.db-shm": 0o600,
+        "state/data/events.db-wal": 0o600,
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_jsonl_creates_its_files_and_directories_private(
+    tmp_path: Path, loose_umask: None
+) -> None:
+    events = make_events(10)
+    line_size = max(len(e.to_json().encode()) + 1 for e in events)
+    config = JsonlSink.Config(type="jsonl", path="out/e.jsonl", rotate_bytes=line_size * 3, keep=2)
+    sink = JsonlSink("file", config, context(tmp_path / "state"))
+    await sink.open()
+    try:
+        await sink.write(events)  # rotates: e.jsonl.1 and e.jsonl.2 too
+    finally:
+        await sink.close()
+    assert modes_under(tmp_path) == {
+        "state": 0o700,
+        "state/out": 0o700,
+        "state/out/e.jsonl": 0o600,
+        "state/out/e.jsonl.1": 0o600,
+        "state/out/e.jsonl.2": 0o600,
+    }
 
 
 def test_stdout_prints_one_json_event_per_line() -> None:

@@ -5,7 +5,7 @@ disk. When the next line would take the file past ``rotate_bytes`` the file is r
 ``<path>.1`` (older ones shift to ``.2`` ... ``.<keep>``; beyond that they are deleted) and a new
 one is started. After a crash the last batch may be appended again: readers de-duplicate by
 ``id``. A line cut short by a crash is closed with a newline at the next start, so every later
-line parses.
+line parses. A file (or directory) the sink creates is private to the daemon's user: 0600 (0700).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import IO
 from pydantic import Field
 
 from gatewayd.events import Event
+from gatewayd.files import private_dir, private_opener
 from gatewayd.schema import ByteSize, SinkConfig
 from gatewayd.sinks.base import BlockingSink
 
@@ -42,8 +43,8 @@ class JsonlSink(BlockingSink):
     def open_blocking(self) -> None:
         self.close_blocking()  # an open retried after a timeout may find the file open
         self.path = self.resolve_path(self.config.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[bytes] | None = open(self.path, "ab")  # noqa: SIM115 (kept open)
+        private_dir(self.path.parent)
+        self._file: IO[bytes] | None = open(self.path, "ab", opener=private_opener)  # noqa: SIM115
         self._size = self._file.tell()
         if self._size and not _ends_with_newline(self.path):
             self._file.write(b"\n")
@@ -97,7 +98,7 @@ class JsonlSink(BlockingSink):
                 if self._numbered(n).exists():
                     os.replace(self._numbered(n), self._numbered(n + 1))
             os.replace(self.path, self._numbered(1))
-        self._file = open(self.path, "ab")  # noqa: SIM115 (kept open)
+        self._file = open(self.path, "ab", opener=private_opener)  # noqa: SIM115 (kept open)
         self._size = 0
         _fsync_directory(self.path.parent)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from gatewayd.events import Event, EventDecodeError, encode_json
+from gatewayd.files import create_private_file
 from gatewayd.schema import PositiveDuration, SinkConfig
 from gatewayd.sinks.base import BlockingSink
 
@@ -80,7 +81,7 @@ class SqliteSink(BlockingSink):
     def open_blocking(self) -> None:
         self.close_blocking()  # an open retried after a timeout may find the file open
         self.path = self.resolve_path(self.config.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        create_private_file(self.path)  # 0600; SQLite gives its -wal and -shm the same mode
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode=WAL")

@@ -43,6 +43,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gatewayd.files import private_opener
+
 from .reader import PARITIES, SerialSettings, serial_opener
 from .simulator import PtyTransport, open_raw_pty, point_link
 
@@ -262,7 +264,8 @@ def capture_main(args: argparse.Namespace) -> int:
 
     async def run(reactor: Any) -> None:
         try:
-            handle = open(args.out, "a", encoding="utf-8")  # noqa: SIM115 (closed below)
+            # 0600 when created: the record of a security module's traffic is not for others.
+            handle = open(args.out, "a", encoding="utf-8", opener=private_opener)  # noqa: SIM115
         except OSError as exc:
             print(f"capture: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
             status[0] = 1

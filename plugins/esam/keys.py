@@ -26,6 +26,8 @@ from typing import Any, Final
 import yaml
 from gatewayd.protocols.esam_crypto import PROFILES
 
+from gatewayd.files import NotPrivateError, check_private
+
 KEY_STATES: Final[tuple[str, ...]] = ("test", "formal")
 """Key states in flag order: flag 0 = test keys, flag 1 = formal keys."""
 
@@ -80,13 +82,12 @@ class EsamKeys:
 
 
 def check_permissions(path: str | os.PathLike[str], mode: int) -> None:
-    """Refuse a key file whose mode is not 0600 or stricter (no bits for group or others)."""
-    permissions = stat.S_IMODE(mode)
-    if permissions & 0o177:
-        raise KeyFileError(
-            f"key file {os.fspath(path)} has mode {permissions:04o}; it must be 0600 or stricter "
-            f"(chmod 600 {os.fspath(path)})"
-        )
+    """Refuse a key file whose mode is not 0600 or stricter (no bits for group or others): the
+    core's check, the one ``api.token_file`` gets too (:func:`gatewayd.files.check_private`)."""
+    try:
+        check_private(path, mode)
+    except NotPrivateError as exc:
+        raise KeyFileError(f"key file {exc}") from None
 
 
 def load_key_file(path: str | os.PathLike[str]) -> EsamKeys:
