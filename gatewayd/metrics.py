@@ -52,6 +52,10 @@ METRIC_NAMES = (
     "gatewayd_sink_failures",
     "gatewayd_sink_duplicates",
     "gatewayd_sink_possible_duplicates",
+    "gatewayd_queue_up",
+    "gatewayd_queue_put_failures",
+    "gatewayd_queue_deduplicated",
+    "gatewayd_queue_disk_bytes",
     "gatewayd_events_routed",
     "gatewayd_events_unrouted",
     "gatewayd_events_dropped",
@@ -234,6 +238,26 @@ class DaemonCollector:
             "Events delivered again after a crash or timeout (may have arrived twice)",
             labels=["sink"],
         )
+        queue_up = GaugeMetricFamily(
+            "gatewayd_queue_up",
+            "1 when the sink's queue can store and hand out events, 0 while it cannot (disk full)",
+            labels=["queue"],
+        )
+        put_failures = CounterMetricFamily(
+            "gatewayd_queue_put_failures_total",
+            "Events the queue could not store (disk full or disk error); their emitters were told",
+            labels=["queue"],
+        )
+        deduplicated = CounterMetricFamily(
+            "gatewayd_queue_deduplicated_total",
+            "Keyed events a device sent again that the queue already held (stored once)",
+            labels=["queue"],
+        )
+        disk_bytes = GaugeMetricFamily(
+            "gatewayd_queue_disk_bytes",
+            "Bytes the queue file and its WAL occupy on disk (bounded by max_bytes)",
+            labels=["queue"],
+        )
         for name, runner in sorted(self.daemon.sinks.items()):
             up.add_metric([name], 1 if runner.state == "ok" else 0)
             delivered.add_metric([name], runner.delivered)
@@ -249,8 +273,13 @@ class DaemonCollector:
             for reason, count in sorted(queue.dropped.items()):
                 dropped.add_metric([name, str(reason)], count)
             possible_duplicates.add_metric([name], queue.possible_duplicates)
+            queue_up.add_metric([name], 0 if getattr(queue, "error", None) else 1)
+            put_failures.add_metric([name], getattr(queue, "failed_puts", 0))
+            deduplicated.add_metric([name], getattr(queue, "deduplicated", 0))
+            disk_bytes.add_metric([name], getattr(queue, "disk_bytes", 0))
         yield from (up, queued, queued_bytes, oldest, delivered, dropped, failures)
-        yield from (duplicates, possible_duplicates)
+        yield from (duplicates, possible_duplicates, queue_up, put_failures, deduplicated)
+        yield disk_bytes
 
     # --- error handling ---------------------------------------------------------------------
 

@@ -225,7 +225,7 @@ class Pipeline:
                     else (encode_event(event))
                 )
                 d = defer.Deferred()
-                plan.single[1].put_waiting(payload, d)
+                plan.single[1].put_waiting(payload, d, event.key)
                 self.routed += 1
                 return d
             payloads = [
@@ -237,7 +237,8 @@ class Pipeline:
         self.routed += 1
         d = defer.Deferred()
         join = _Join(d, plan.fanout)
+        key = event.key
         for payload, queues in payloads:
             for queue in queues:
-                queue.put_waiting(payload, join)
+                queue.put_waiting(payload, join, key)
         return d

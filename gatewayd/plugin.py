@@ -225,6 +225,8 @@ class PluginMetrics:
 # --- the context the core hands a plugin --------------------------------------------------------
 
 
+#: Seconds an idempotency key is kept unless the plugin says otherwise (``emit(key=...)``).
+DEFAULT_KEY_WINDOW = 600.0
 #: Seconds between two log lines about events that could not be stored (one plugin).
 NOT_STORED_LOG_INTERVAL = 10.0
 
@@ -242,6 +244,7 @@ class PluginContext:
         state_dir: Path,
         sink: Callable[[Event], defer.Deferred],
         on_failure: Callable[[BaseException], None] | None = None,
+        keys: Any = None,
     ) -> None:
         self.name = name
         self.protocol = protocol
@@ -252,6 +255,7 @@ class PluginContext:
         self.metrics = PluginMetrics()
         self._sink = sink
         self._on_failure = on_failure
+        self._keys = keys  # seen(key) / forget(key): the queue store, or a test's collector
         self.not_stored = 0  # events record() could not make durable
         self._not_stored_log = LogThrottle(reactor.seconds, NOT_STORED_LOG_INTERVAL)
         self.metrics.gauge(
@@ -266,11 +270,20 @@ class PluginContext:
         device: str | None = None,
         data: dict[str, Any] | None = None,
         raw: str | None = None,
+        *,
+        key: str | None = None,
+        window: float = DEFAULT_KEY_WINDOW,
     ) -> defer.Deferred:
         """Emit one event; the Deferred fires when it is durable in every queue it was routed to.
 
         Acknowledge a device only after it fired. It never fails for routing reasons: an event no
         route matches fires at once (and is counted as unrouted).
+
+        ``key`` marks a frame a device re-sends until it is acknowledged (a result, a report):
+        each queue commits the key with the event and, for ``window`` seconds, stores no second
+        event with the same key, across restarts and ``kill -9`` too; the Deferred of such a
+        repeat fires as for a stored event, so the device is answered again. Keys are per plugin
+        instance. Leave heartbeats and other frames that legitimately repeat unkeyed.
         """
         event = Event(
             type=type,
@@ -280,6 +293,7 @@ class PluginContext:
             gateway=self.gateway_id,
             plugin=self.name,
             protocol=self.protocol,
+            key=(f"{self.name}:{key}", window) if key is not None else None,
         )
         if type == "frame.invalid":
             self.metrics.frames_invalid += 1
@@ -291,13 +305,28 @@ class PluginContext:
         device: str | None = None,
         data: dict[str, Any] | None = None,
         raw: str | None = None,
+        *,
+        key: str | None = None,
+        window: float = DEFAULT_KEY_WINDOW,
     ) -> None:
         """Emit an event nothing waits for (``device.online``, ``frame.invalid``...).
 
         A failure to store it (disk full) is counted and logged at most once per
-        ``NOT_STORED_LOG_INTERVAL`` seconds, instead of one traceback per event.
+        ``NOT_STORED_LOG_INTERVAL`` seconds, instead of one traceback per event. ``key`` and
+        ``window`` as for ``emit``.
         """
-        self.emit(type, device, data, raw).addErrback(self.note_not_stored)
+        self.emit(type, device, data, raw, key=key, window=window).addErrback(self.note_not_stored)
+
+    def seen(self, key: str) -> bool:
+        """True if an event emitted with ``key`` is durable (in this run or one before it,
+        loaded from the queues at start) and its window has not passed."""
+        return self._keys is not None and self._keys.seen(f"{self.name}:{key}")
+
+    def forget(self, key: str) -> None:
+        """A new operation reuses ``key``: let its next event be stored (durably ordered before
+        any event emitted after this call)."""
+        if self._keys is not None:
+            self._keys.forget(f"{self.name}:{key}")
 
     def note_not_stored(self, failure: Any) -> None:
         """Errback for an event that could not be stored and that nobody acknowledges."""

@@ -32,6 +32,7 @@ commits may be lost on a power loss or kernel crash. Either way the file stays c
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -45,6 +46,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gatewayd.dedupe import KeyMemory
+from gatewayd.diskspace import Reserve, is_disk_full, size_bounds
 from gatewayd.events import encode_json
 from gatewayd.logsetup import LogThrottle
 
@@ -72,6 +75,7 @@ CREATE TABLE IF NOT EXISTS queue (
     payload TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS keys (key TEXT PRIMARY KEY, expires REAL NOT NULL);
 """
 
 #: A batch of payloads as one JSON array, inserted in array order by a single statement.
@@ -79,6 +83,13 @@ _INSERT_BATCH = (
     "INSERT INTO queue (ts, size, payload)"
     " SELECT ?1, length(CAST(value AS BLOB)), value FROM json_each(?2) ORDER BY key"
 )
+#: Keys of this round's keyed puts that the file already holds (and that have not expired).
+_KNOWN_KEYS = "SELECT key FROM keys WHERE expires > ?1 AND key IN (SELECT value FROM json_each(?2))"
+_INSERT_KEYS = (
+    "INSERT OR REPLACE INTO keys (key, expires) SELECT value->>0, value->>1 FROM json_each(?1)"
+)
+#: Keys kept per queue file at most; the soonest to expire go first beyond it.
+MAX_KEYS = 200_000
 #: Up to ``limit`` entries after ``seq`` as one JSON array of ``[seq, payload]``.
 _READ_BATCH = (
     "SELECT coalesce(json_group_array(json_array(seq, payload)), '[]') FROM"
@@ -117,8 +128,14 @@ class DurableQueue:
     ``oldest_ts`` (POSIX time the oldest entry was committed, None when empty), ``pending``
     (puts not yet committed, a method), ``dropped`` (by reason, see ``DROP_REASONS``) and
     ``possible_duplicates`` (entries handed out but not acknowledged before the last shutdown
-    or crash, counted when the file was opened).
+    or crash, counted when the file was opened), ``deduplicated`` (keyed puts not stored again),
+    ``error`` and ``error_since`` (why the queue cannot store or hand out events right now, None
+    when it can: see ``failing``), ``disk_bytes`` (the file and its WAL on disk).
     """
+
+    #: Seconds between the chores of ``_housekeep`` (held-back deletes, key expiry, the probe
+    #: that clears ``error`` once the disk takes writes again, ``disk_bytes``).
+    chores_interval = 10.0
 
     def __init__(
         self,
@@ -149,6 +166,10 @@ class DurableQueue:
         self.possible_duplicates = 0
         self.failed_puts = 0  # events a commit round could not store
         self.unheard_failures = 0  # ... of which no emitter was waiting on
+        self.deduplicated = 0
+        self.error: str | None = None
+        self.error_since: float | None = None
+        self.disk_bytes = 0
         self._failed_log = LogThrottle(store._clock)
         self._open_outcome: Failure | None = None  # set once the open was tried
         self._open_waiters: list[defer.Deferred] = []
@@ -156,13 +177,21 @@ class DurableQueue:
         self._store = store
         self._listeners: list[Callable[[], None]] = []
         # Guarded by store._cond: work handed from the reactor to the writer thread.
-        self._puts: list[tuple[str, Any]] = []
+        self._puts: list[tuple[str, Any, tuple[str, float] | None]] = []
+        self._forgets: list[str] = []
         self._commands: list[tuple[Any, ...]] = [("open",)]
         # Writer-thread state.
         self._conn: sqlite3.Connection | None = None
         self._open_error: QueueError | None = None
         self._handed = 0
+        # Acknowledged up to here (never handed out again while running), and deleted up to here:
+        # the two differ while a full disk keeps the delete from committing.
+        self._acked = 0
+        self._deleted = 0
+        self._max_pages = 0
+        self._wal_limit = 0
         self._next_expiry = 0.0
+        self._next_chores = 0.0
         # Reactor-thread state: rate-limited drop logging.
         self._unlogged: dict[str, int] = {}
         self._last_drop_log = float("-inf")
@@ -173,15 +202,20 @@ class DurableQueue:
 
     # --- reactor-thread API ---------------------------------------------------------------
 
-    def put(self, payload: str) -> defer.Deferred:
+    def put(self, payload: str, key: tuple[str, float] | None = None) -> defer.Deferred:
         """Store ``payload``; fires with None once committed, or with ``Refused`` if the queue is
         full under ``drop_newest``. Errbacks with QueueClosed after ``stop()``, QueueError on a
-        disk error, UnicodeEncodeError for text that is not valid Unicode."""
+        disk error, UnicodeEncodeError for text that is not valid Unicode.
+
+        ``key``: ``(idempotency key, seconds)``. The key is committed with the entry and kept
+        that long; a put with a key the file still holds is not stored again (it fires with
+        None: what it carries is already durable), and counts in ``deduplicated``.
+        """
         d = defer.Deferred()
-        self.put_waiting(payload, d)
+        self.put_waiting(payload, d, key)
         return d
 
-    def put_waiting(self, payload: str, waiter: Any) -> None:
+    def put_waiting(self, payload: str, waiter: Any, key: tuple[str, float] | None = None) -> None:
         """Like ``put`` but reports to ``waiter`` (anything with ``callback``/``errback``).
 
         The pipeline uses it to fire one Deferred per event for several queues without building
@@ -190,7 +224,7 @@ class DurableQueue:
         store = self._store
         with store._lock:  # the condition's own lock, entered without the Python-level wrapper
             if not store._stopping:
-                self._puts.append((payload, waiter))
+                self._puts.append((payload, waiter, key))
                 if not store._has_work:
                     store._has_work = True
                     store._cond.notify()
@@ -221,6 +255,11 @@ class DurableQueue:
         if self._open_outcome is not None:
             return defer.fail(self._open_outcome)
         return defer.succeed(None)
+
+    @property
+    def failing(self) -> bool:
+        """True while the queue cannot store or hand out events (``error`` says why)."""
+        return self.error is not None
 
     def pending(self) -> int:
         """Puts not yet committed (a snapshot)."""
@@ -261,6 +300,7 @@ class DurableQueue:
 
     def _fail(self, failed: list[tuple[Any, BaseException]]) -> None:
         unheard = 0
+        self.failed_puts += len(failed)  # counted before an emitter that hears it looks
         for waiter, exc in failed:
             try:
                 waiter.errback(Failure(exc))
@@ -269,7 +309,6 @@ class DurableQueue:
             d = getattr(waiter, "deferred", waiter)  # the pipeline's _Join reports to one
             if isinstance(d, defer.Deferred) and _quiet_unhandled(d):
                 unheard += 1
-        self.failed_puts += len(failed)
         self.unheard_failures += unheard
         if failed and self._failed_log.due():
             _log.error(
@@ -313,9 +352,37 @@ class DurableQueue:
             bytes=self.bytes,
         )
 
+    # --- reactor thread: the queue's state ----------------------------------------------------
+
+    def _set_error(self, error: str) -> None:
+        """The queue cannot store or hand out events: say so once (the 10 s log covers the rest)."""
+        if self.error is None:
+            self.error_since = self._store._reactor.seconds()
+            _log.error(
+                "queue {queue}: cannot store or hand out events: {error}",
+                queue=self.name,
+                error=error,
+            )
+        self.error = error
+
+    def _clear_error(self, _: Any = None) -> None:
+        if self.error is None:
+            return
+        since = self.error_since if self.error_since is not None else 0.0
+        _log.info(
+            "queue {queue}: works again after {seconds:.1f}s ({failed} events were refused so far)",
+            queue=self.name,
+            seconds=self._store._reactor.seconds() - since,
+            failed=self.failed_puts,
+        )
+        self.error = None
+        self.error_since = None
+
     # --- writer thread ----------------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self) -> list[tuple[str, float]]:
+        """Open the file; returns the keys it holds that have not expired."""
+        keys: list[tuple[str, float]] = []
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -324,7 +391,13 @@ class DurableQueue:
                 if str(mode).lower() != "wal":
                     raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL needed")
                 conn.execute(f"PRAGMA synchronous={_SYNC_PRAGMA[self._store.sync]}")
-                conn.execute("PRAGMA journal_size_limit=67108864")
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+                self._max_pages, self._wal_limit = size_bounds(self.max_bytes, page_size)
+                conn.execute(f"PRAGMA max_page_count={self._max_pages}")
+                conn.execute(f"PRAGMA journal_size_limit={self._wal_limit}")
+                conn.execute(
+                    f"PRAGMA wal_autocheckpoint={max(16, self._wal_limit // page_size // 2)}"
+                )
                 conn.execute("PRAGMA busy_timeout=5000")  # an operator's tool holding a lock
                 conn.executescript(_SCHEMA)
                 row = conn.execute("SELECT value FROM meta WHERE key='handed'").fetchone()
@@ -335,6 +408,10 @@ class DurableQueue:
                 duplicates = conn.execute(
                     "SELECT count(*) FROM queue WHERE seq <= ?", (self._handed,)
                 ).fetchone()[0]
+                keys = conn.execute(
+                    "SELECT key, expires FROM keys WHERE expires > ? ORDER BY expires",
+                    (self._store._clock(),),
+                ).fetchall()
                 self.depth, self.bytes = depth, int(size)
                 self.backlog_at_open, self.last_seq_at_open = depth, self.last_seq
                 self.oldest_ts = self._first_ts(conn)
@@ -344,64 +421,178 @@ class DurableQueue:
                 raise
         except (OSError, sqlite3.Error) as exc:
             self._open_error = QueueError(f"queue {self.name}: cannot open {self.path}: {exc}")
-            return
+            return []
         self._conn = conn
+        self._measure()
+        return keys
 
-    @staticmethod
-    def _first_ts(conn: sqlite3.Connection) -> float | None:
-        row = conn.execute("SELECT ts FROM queue ORDER BY seq LIMIT 1").fetchone()
+    def _first_ts(self, conn: sqlite3.Connection) -> float | None:
+        row = conn.execute(
+            "SELECT ts FROM queue WHERE seq > ? ORDER BY seq LIMIT 1", (self._acked,)
+        ).fetchone()
         return row[0] if row else None
 
+    def _measure(self) -> None:
+        """``disk_bytes``: the file and its WAL as they are on disk now."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.stat(f"{self.path}{suffix}").st_size
+        self.disk_bytes = total
+
     def _process(
-        self, puts: list[tuple[str, Any]], commands: list[tuple[Any, ...]], fire: list
+        self,
+        puts: list[tuple[str, Any, Any]],
+        commands: list[tuple[Any, ...]],
+        forgets: list[str],
+        fire: list,
     ) -> None:
-        """One round: commit ``puts`` and run ``commands`` in one transaction; queue results."""
+        """Commit ``puts`` and run ``commands`` in one transaction; queue the results in ``fire``.
+
+        When that transaction fails, the work is split so that a full disk never stops what
+        frees it: acknowledgements and reads go alone (and reads are answered even when nothing
+        can be written), then the puts go alone and fail by themselves.
+        """
         if commands and commands[0][0] == "open":
             commands = commands[1:]
             if self._conn is None and self._open_error is None:
-                self._open()
+                keys = self._open()
+                if keys:  # known before anyone hears the file is open
+                    fire.append((self._store._keys.add_many, keys))
                 fire.append((self._opened, self._open_error))
         if self._conn is None:
             error = self._open_error or QueueClosed(f"queue {self.name} is closed")
             fire.append(
-                (self._fail, [(w, error) for _, w in puts] + [(c[-1], error) for c in commands])
+                (self._fail, [(w, error) for _, w, _ in puts] + [(c[-1], error) for c in commands])
             )
             return
-        if not puts and not commands:
+        if not puts and not commands and not forgets:
             return
+        commands = self._note_acks(commands)  # in memory first: an ack outlives a failed round
+        try:
+            self._round(puts, commands, forgets, fire)
+            return
+        except Exception as exc:  # sqlite3.Error mostly; whatever it is, nobody is left waiting
+            first: BaseException = exc
+        if puts and is_disk_full(first) and self._at_size_bound(puts):
+            # max_bytes on disk is reached, not the disk: the overflow policy decides.
+            if self.overflow == "drop_oldest" and self._make_room(puts, fire):
+                try:
+                    self._round(puts, commands, forgets, fire)
+                    return
+                except Exception as exc:
+                    first = exc
+            else:
+                fire.append((self._refuse, [w for _, w, _ in puts]))
+                self.dropped["overflow_newest"] += len(puts)
+                fire.append((self._note_drops, {"overflow_newest": len(puts)}))
+                puts = []
+        elif is_disk_full(first):
+            self._store._release_reserve(fire)
+        if commands or forgets:
+            try:
+                self._round([], commands, forgets, fire)
+            except Exception as exc:
+                self._answer_without_writing(commands, exc, fire)
+        if puts:
+            try:
+                self._round(puts, [], [], fire)
+            except Exception as exc:
+                error = QueueError(f"queue {self.name}: {exc}")
+                fire.append((self._set_error, str(error)))  # known before the emitters hear
+                fire.append((self._fail, [(w, error) for _, w, _ in puts]))
+
+    def _note_acks(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Record the acknowledgements among ``commands`` in memory; ack commands become their
+        answer (``("acked", count, d)``), reads lose the ack they carried."""
+        noted = []
+        for command in commands:
+            if command[0] == "ack":
+                noted.append(("acked", self._note_ack(command[1]), command[-1]))
+            elif command[0] == "read" and command[3] is not None:
+                self._note_ack(command[3])
+                noted.append((command[0], command[1], command[2], None, command[-1]))
+            else:
+                noted.append(command)
+        return noted
+
+    def _note_ack(self, upto: int) -> int:
+        """Acknowledge up to ``upto`` in memory: those entries are never handed out again."""
+        if upto <= self._acked:
+            return 0
+        conn = self._conn
+        assert conn is not None
+        try:
+            count, size = conn.execute(
+                "SELECT count(*), total(size) FROM queue WHERE seq > ? AND seq <= ?",
+                (self._acked, upto),
+            ).fetchone()
+        except sqlite3.Error:
+            count, size = 0, 0.0
+        self._acked = upto
+        self.depth = max(0, self.depth - count)
+        self.bytes = max(0, self.bytes - int(size))
+        if self.depth:
+            with contextlib.suppress(sqlite3.Error):
+                self.oldest_ts = self._first_ts(conn)
+        else:
+            self.oldest_ts = None
+        return count
+
+    def _round(
+        self,
+        puts: list[tuple[str, Any, Any]],
+        commands: list[tuple[Any, ...]],
+        forgets: list[str],
+        fire: list,
+    ) -> None:
+        """One transaction; on failure the figures are restored and the error raised."""
         store = self._store
         conn = self._conn
+        assert conn is not None
         now = store._clock()
         saved = (self.depth, self.bytes, self.oldest_ts, self._handed, self.last_seq)
         drops: dict[str, int] = {}
         accepted: list[Any] = []
         refused: list[Any] = []
         invalid: list[tuple[Any, BaseException]] = []
+        keys: list[tuple[str, float]] = []
         results: list[tuple[defer.Deferred, Any]] = []
+        acked = self._acked
         try:
             conn.execute("BEGIN IMMEDIATE")
+            if self._deleted < acked:
+                conn.execute("DELETE FROM queue WHERE seq <= ?", (acked,))
+            if forgets:
+                conn.execute(
+                    "DELETE FROM keys WHERE key IN (SELECT value FROM json_each(?))",
+                    (encode_json(forgets),),
+                )
             if puts:
-                self._insert(conn, puts, now, accepted, refused, invalid, drops)
+                self._insert(conn, puts, now, accepted, refused, invalid, drops, keys)
             for command in commands:
                 if command[0] == "read":
-                    _, limit, after, ack_upto, d = command
-                    if ack_upto is not None:
-                        self._ack(conn, ack_upto)
+                    _, limit, after, _, d = command
                     results.append((d, self._read(conn, limit, after)))
-                else:  # ack
-                    results.append((command[-1], self._ack(conn, command[1])))
+                else:  # acked: noted before the round
+                    results.append((command[-1], command[1]))
             conn.execute("COMMIT")
-        except Exception as exc:  # sqlite3.Error mostly; whatever it is, nobody is left waiting
+        except BaseException:
             _rollback(conn)
             self.depth, self.bytes, self.oldest_ts, self._handed, self.last_seq = saved
-            error = QueueError(f"queue {self.name}: {exc}")
-            failed = [(w, error) for _, w in puts] + [(c[-1], error) for c in commands]
-            fire.append((self._fail, failed))
-            return
+            raise
+        freed = self._deleted < acked
+        self._deleted = max(self._deleted, acked)
         store.commits += 1
         store.committed += len(accepted)
+        if freed and (self.error is not None or store._reserve.released):
+            self._give_back_wal(conn)
         for reason, count in drops.items():
             self.dropped[reason] += count
+        if puts and (accepted or refused):
+            fire.append((self._clear_error, None))  # first: the emitters may look at it
+        if keys:
+            fire.append((store._keys.add_many, keys))
         if accepted:
             fire.append((self._complete, accepted))
         if refused:
@@ -414,6 +605,70 @@ class DurableQueue:
             fire.append((self._notify, None))
         if drops:
             fire.append((self._note_drops, drops))
+
+    def _answer_without_writing(
+        self, commands: list[tuple[Any, ...]], exc: BaseException, fire: list
+    ) -> None:
+        """Reads and acks when nothing can be written: reads skip the 'handed' record (only the
+        count of possible duplicates after a crash suffers), acks stay in memory."""
+        conn = self._conn
+        assert conn is not None
+        for command in commands:
+            d = command[-1]
+            if command[0] == "acked":
+                fire.append((d.callback, command[1]))
+                continue
+            try:
+                rows = self._select(conn, command[1], command[2])
+            except Exception as read_exc:
+                error = QueueError(f"queue {self.name}: {read_exc}")
+                fire.append((self._set_error, str(error)))
+                fire.append((self._fail, [(d, error)]))
+                continue
+            if rows:
+                self._handed = max(self._handed, rows[-1][0])
+            fire.append((d.callback, rows))
+        if not is_disk_full(exc):
+            fire.append((self._set_error, f"queue {self.name}: {exc}"))
+
+    def _at_size_bound(self, puts: list[tuple[str, Any, Any]]) -> bool:
+        """True when ``puts`` do not fit in the pages ``max_bytes`` allows: the failed round hit
+        the queue's own bound, not a full disk."""
+        conn = self._conn
+        try:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0] if conn else 0
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0] if conn else 0
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0] if conn else 4096
+        except sqlite3.Error:
+            return False
+        size = sum(_utf8_size(p) for p, _, _ in puts if isinstance(p, str))
+        needed = size * 5 // (4 * page_size) + 2  # rows and their b-tree pages, generously
+        return pages - free + needed >= self._max_pages
+
+    def _make_room(self, puts: list[tuple[str, Any, Any]], fire: list) -> bool:
+        """drop_oldest at the size bound: delete the oldest entries not handed out, about twice
+        what ``puts`` bring; False if there was nothing to delete."""
+        conn = self._conn
+        assert conn is not None
+        need = 2 * sum(_utf8_size(p) for p, _, _ in puts if isinstance(p, str)) + 4096
+        saved = (self.depth, self.bytes, self.oldest_ts)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            dropped = self._drop_front(conn, lambda seq, ts, size, freed: freed < need)
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            _rollback(conn)
+            self.depth, self.bytes, self.oldest_ts = saved
+            return False
+        if dropped:
+            self.dropped["overflow_oldest"] += dropped
+            fire.append((self._note_drops, {"overflow_oldest": dropped}))
+        return dropped > 0
+
+    def _give_back_wal(self, conn: sqlite3.Connection) -> None:
+        """After deletes on a full disk: checkpoint and truncate the WAL to free its room."""
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _opened(self, error: QueueError | None) -> None:
         self._open_tried = True
@@ -430,31 +685,43 @@ class DurableQueue:
     def _insert(
         self,
         conn: sqlite3.Connection,
-        puts: list[tuple[str, Any]],
+        puts: list[tuple[str, Any, Any]],
         now: float,
         accepted: list[Any],
         refused: list[Any],
         invalid: list[tuple[Any, BaseException]],
         drops: dict[str, int],
+        keys: list[tuple[str, float]],
     ) -> None:
         rows = []
         total = self.bytes
         keep_newest = self.overflow == "drop_newest"
         limit = self.max_bytes
-        for payload, waiter in puts:
+        known = self._known_keys(conn, puts, now)
+        for payload, waiter, key in puts:
             try:
                 size = _utf8_size(payload)
             except (UnicodeEncodeError, AttributeError) as exc:
                 invalid.append((waiter, exc))
                 continue
+            if key is not None:
+                if key[0] in known:  # already durable: stored once, acknowledged again
+                    self.deduplicated += 1
+                    accepted.append(waiter)
+                    continue
+                known.add(key[0])
             if keep_newest and total + size > limit:
                 refused.append(waiter)
                 continue
             total += size
             rows.append((now, size, payload))
             accepted.append(waiter)
+            if key is not None:
+                keys.append((key[0], now + key[1]))
         if refused:
             drops["overflow_newest"] = len(refused)
+        if keys:
+            conn.execute(_INSERT_KEYS, (encode_json(keys),))
         if not rows:
             return
         # One statement for the whole batch: executemany would step (and give up and take back
@@ -469,6 +736,14 @@ class DurableQueue:
             dropped = self._drop_front(conn, lambda seq, ts, size, freed: freed < total - limit)
             if dropped:
                 drops["overflow_oldest"] = dropped
+
+    @staticmethod
+    def _known_keys(conn: sqlite3.Connection, puts: list[tuple[str, Any, Any]], now: float) -> set:
+        """The keys among ``puts`` that the file already holds, unexpired."""
+        wanted = [key[0] for _, _, key in puts if key is not None]
+        if not wanted:
+            return set()
+        return {row[0] for row in conn.execute(_KNOWN_KEYS, (now, encode_json(wanted)))}
 
     def _drop_front(self, conn: sqlite3.Connection, keep_going: Callable[..., bool]) -> int:
         """Delete the oldest entries not handed out while ``keep_going(seq, ts, size, freed)``."""
@@ -499,10 +774,14 @@ class DurableQueue:
         self.oldest_ts = self._first_ts(conn)
         return count
 
-    def _read(self, conn: sqlite3.Connection, limit: int, after: int) -> list[tuple[int, str]]:
+    def _select(self, conn: sqlite3.Connection, limit: int, after: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` entries after ``after`` and after everything acknowledged."""
         # The batch comes back as one JSON row (see _insert on why not one step per row).
-        (text,) = conn.execute(_READ_BATCH, (after, limit)).fetchone()
-        rows = sorted((seq, payload) for seq, payload in orjson.loads(text))
+        (text,) = conn.execute(_READ_BATCH, (max(after, self._acked), limit)).fetchone()
+        return sorted((seq, payload) for seq, payload in orjson.loads(text))
+
+    def _read(self, conn: sqlite3.Connection, limit: int, after: int) -> list[tuple[int, str]]:
+        rows = self._select(conn, limit, after)
         if rows and rows[-1][0] > self._handed:
             self._handed = rows[-1][0]
             conn.execute(
@@ -510,16 +789,42 @@ class DurableQueue:
             )
         return rows
 
-    def _ack(self, conn: sqlite3.Connection, upto: int) -> int:
-        count, size = conn.execute(
-            "SELECT count(*), total(size) FROM queue WHERE seq <= ?", (upto,)
-        ).fetchone()
-        if count:
-            conn.execute("DELETE FROM queue WHERE seq <= ?", (upto,))
-            self.depth -= count
-            self.bytes -= int(size)
-            self.oldest_ts = self._first_ts(conn) if self.depth else None
-        return count
+    def _housekeep(self, now: float, fire: list) -> None:
+        """Periodic chores: ``max_age`` expiry (at most once a second); once every ten seconds,
+        deletes a full disk held back, expired keys, a probe while failing, the size on disk."""
+        if self._conn is None:
+            return
+        self._expire(now, fire)
+        if now < self._next_chores:
+            return
+        self._next_chores = now + self.chores_interval
+        conn = self._conn
+        acked = self._acked
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            if self._deleted < acked:
+                conn.execute("DELETE FROM queue WHERE seq <= ?", (acked,))
+            conn.execute("DELETE FROM keys WHERE expires <= ?", (now,))
+            conn.execute(
+                "DELETE FROM keys WHERE key IN (SELECT key FROM keys ORDER BY expires"
+                " LIMIT max(0, (SELECT count(*) FROM keys) - ?))",
+                (MAX_KEYS,),
+            )
+            if self.error is not None:
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (now,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            _rollback(conn)
+            if is_disk_full(exc):
+                self._store._release_reserve(fire)
+        else:
+            freed = self._deleted < acked
+            self._deleted = max(self._deleted, acked)
+            if freed or self.error is not None:
+                self._give_back_wal(conn)
+            if self.error is not None:
+                fire.append((self._clear_error, None))
+        self._measure()
 
     def _expire(self, now: float, fire: list) -> None:
         """Drop entries older than ``max_age`` (not the batch in flight); at most once a second."""
@@ -592,6 +897,10 @@ def _log_error(message: str) -> None:
     _log.error("{message}", message=message)
 
 
+def _log_warn(message: str) -> None:
+    _log.warn("{message}", message=message)
+
+
 class QueueStore:
     """Owns the writer thread; one SQLite file per sink queue: ``<directory>/<sink>.db``.
 
@@ -604,6 +913,9 @@ class QueueStore:
     for it. ``commits`` and ``committed`` count transactions and the entries they stored.
     """
 
+    #: Seconds between checks whether a released reserve can be made again.
+    reserve_check_interval = 10.0
+
     def __init__(
         self,
         directory: Path,
@@ -612,6 +924,7 @@ class QueueStore:
         *,
         clock: Callable[[], float] = time.time,
         housekeeping_interval: float = 1.0,
+        reserve: Reserve | None = None,
     ) -> None:
         if sync not in _SYNC_PRAGMA:
             raise ValueError(f"sync must be full or normal, got {sync!r}")
@@ -630,6 +943,10 @@ class QueueStore:
         self._thread: threading.Thread | None = None
         self._stop_waiters: list[defer.Deferred] = []
         self._stop_done = False
+        self._next_reserve_check = 0.0
+        self._reserve = reserve or Reserve(self.directory / ".reserve")
+        #: The idempotency keys every queue holds (see ``gatewayd.dedupe``).
+        self._keys = KeyMemory(clock)
 
     def queue(self, name: str, *, max_bytes: int, max_age: float, overflow: str) -> DurableQueue:
         """The queue of sink ``name`` (created on first call; later calls return the same one)."""
@@ -656,6 +973,22 @@ class QueueStore:
     @property
     def queues(self) -> dict[str, DurableQueue]:
         return dict(self._queues)
+
+    def seen(self, key: str) -> bool:
+        """True if an event put with ``key`` is durable in some queue and the key is kept."""
+        return self._keys.seen(key)
+
+    def forget(self, key: str) -> None:
+        """Let the next event with ``key`` be stored again (a new operation reuses the key);
+        the keys are deleted from every queue file before any later put is committed."""
+        self._keys.forget(key)
+        with self._cond:
+            if self._stopping:
+                return
+            for queue in self._queues.values():
+                queue._forgets.append(key)
+            self._has_work = True
+            self._cond.notify()
 
     def ready(self) -> defer.Deferred:
         """Fires when every queue created so far is open; errbacks with the first QueueError."""
@@ -694,22 +1027,25 @@ class QueueStore:
             self._has_work = False
             work = []
             for queue in self._queues.values():
-                if queue._puts or queue._commands:
-                    work.append((queue, queue._puts, queue._commands))
+                if queue._puts or queue._commands or queue._forgets:
+                    work.append((queue, queue._puts, queue._commands, queue._forgets))
                     queue._puts = []
                     queue._commands = []
+                    queue._forgets = []
             return work, self._stopping
 
     def _run(self) -> None:
         try:
+            self._keep_reserve(None)
             while True:
                 work, stopping = self._take_work()
                 fire: list = []
-                for queue, puts, commands in work:
-                    queue._process(puts, commands, fire)
+                for queue, puts, commands, forgets in work:
+                    queue._process(puts, commands, forgets, fire)
                 now = self._clock()
                 for queue in self._queues.values():
-                    queue._expire(now, fire)
+                    queue._housekeep(now, fire)
+                self._keep_reserve(now)
                 if fire:
                     self._reactor.callFromThread(_fire, fire)
                 if stopping and not work:
@@ -730,7 +1066,7 @@ class QueueStore:
         fire: list = []
         for queue, puts, commands in left:
             error = QueueClosed(f"queue {queue.name}: the queue store stopped")
-            failed = [(w, error) for _, w in puts] + [
+            failed = [(w, error) for _, w, _ in puts] + [
                 (c[-1], error) for c in commands if len(c) > 1
             ]
             if failed:
@@ -740,6 +1076,29 @@ class QueueStore:
             queue._close()
         fire.append((self._stopped_callback, None))
         self._reactor.callFromThread(_fire, fire)
+
+    def _release_reserve(self, fire: list) -> None:
+        """Writer thread: the disk is full; free the reserve so deletes and checkpoints can run."""
+        if self._reserve.release():
+            fire.append(
+                (
+                    _log_warn,
+                    f"queue store: the disk is full; released {self._reserve.path}"
+                    f" ({self._reserve.size} bytes) so that delivered events can be deleted",
+                )
+            )
+        self._next_reserve_check = self._clock() + self.reserve_check_interval
+
+    def _keep_reserve(self, now: float | None) -> None:
+        """Writer thread: make the reserve at start, and again (checked every 10 s) once the
+        disk has room after it was released."""
+        if now is not None and (not self._reserve.released or now < self._next_reserve_check):
+            return
+        self._next_reserve_check = (now or self._clock()) + self.reserve_check_interval
+        if self._reserve.ensure() and now is not None:
+            self._reactor.callFromThread(
+                _log.info, "queue store: the disk has room again; the reserve is back"
+            )
 
     def _stopped_callback(self, _: Any = None) -> None:
         self._stop_done = True

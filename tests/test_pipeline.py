@@ -23,7 +23,7 @@ class RecordingQueue:
         self.name = name
         self.puts: list[tuple[str, Any]] = []
 
-    def put_waiting(self, payload: str, waiter: Any) -> None:
+    def put_waiting(self, payload: str, waiter: Any, key: Any = None) -> None:
         self.puts.append((payload, waiter))
 
     def commit(self) -> None:

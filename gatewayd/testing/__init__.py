@@ -90,16 +90,27 @@ class EventCollector:
 
     ``durable = "now"`` fires every emit at once; ``"manual"`` holds them until
     ``release()``, so a test can check that a plugin waits for durability before it acks.
+
+    Keyed events (``emit(..., key=...)``) are stored once, as the queues do: a repeat goes to
+    ``deduplicated`` and fires at once. ``keys`` are the keys stored so far; hand them to the
+    collector of a second harness to test what a plugin does after a restart.
     """
 
     durable: str = "now"
     events: list[Event] = field(default_factory=list)
+    deduplicated: list[Event] = field(default_factory=list)
+    keys: set[str] = field(default_factory=set)
     _held: list[defer.Deferred] = field(default_factory=list)
     _waiters: list[tuple[Callable[[list[Event]], bool], defer.Deferred]] = field(
         default_factory=list
     )
 
     def __call__(self, event: Event) -> defer.Deferred:
+        if event.key is not None:
+            if event.key[0] in self.keys:
+                self.deduplicated.append(event)
+                return defer.succeed(None)
+            self.keys.add(event.key[0])
         self.events.append(event)
         if self.durable == "now":
             durable = defer.succeed(None)
@@ -112,6 +123,12 @@ class EventCollector:
                 self._waiters.remove(waiter)
                 d.callback(self.events)
         return durable
+
+    def seen(self, key: str) -> bool:
+        return key in self.keys
+
+    def forget(self, key: str) -> None:
+        self.keys.discard(key)
 
     def release(self) -> None:
         """Make every held event durable (fires their emit Deferreds, in order)."""
@@ -197,6 +214,7 @@ class PluginHarness:
             state_dir=self.state_dir,
             sink=self.collector,
             on_failure=self.failures.append,
+            keys=self.collector,
         )
         self.plugin = plugin_class(name, self.config, self.context)
 
