@@ -53,6 +53,7 @@ class PluginHost:
         reactor: Any,
         state_dir: Path,
         emit: Callable[[Event], defer.Deferred],
+        keys: Any = None,
     ) -> None:
         self.name = name
         self.type_name = config.type
@@ -72,6 +73,7 @@ class PluginHost:
             state_dir=state_dir,
             sink=emit,
             on_failure=self._failed_at_runtime,
+            keys=keys,
         )
 
     @property

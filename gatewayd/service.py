@@ -216,6 +216,7 @@ class Daemon:
                 reactor=self.reactor,
                 state_dir=self.state_dir / "plugins" / name,
                 emit=self.emit,
+                keys=self.queue_store,
             )
         # Plugins start concurrently; one with startup_error_behavior=error fails the daemon.
         results = yield defer.DeferredList(
