@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from gatewayd.dedupe import KeyMemory
 from gatewayd.diskspace import Reserve, is_disk_full, size_bounds
 from gatewayd.events import encode_json
+from gatewayd.files import create_private_file
 from gatewayd.logsetup import LogThrottle
 
 __all__ = [
@@ -384,7 +385,7 @@ class DurableQueue:
         """Open the file; returns the keys it holds that have not expired."""
         keys: list[tuple[str, float]] = []
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            create_private_file(self.path)  # 0600 (dirs 0700) whatever the umask; -wal/-shm too
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
