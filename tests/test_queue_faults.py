@@ -288,3 +288,47 @@ def test_disk_full_is_recognised() -> None:
     assert is_disk_full(caught.value)
     assert is_disk_full(OSError(28, "No space left on device"))
     assert not is_disk_full(sqlite3.OperationalError("no such table: queue"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backlog_after_a_full_sink_disk_is_replayed_at_replay_rate(
+    tmp_path: Path,
+) -> None:
+    """The fault run of item 1: the sink's disk is full for a while, then has room again. The
+    batch read ahead before the failure was short; the whole backlog must still be paced."""
+    store = QueueStore(tmp_path / "queues", reactor)
+    store.start()
+    config = SqliteSink.Config(
+        path="events.db", batch_size=100, replay_rate=400.0, retry_initial=0.1, retry_max=0.2
+    )
+    queue = store.queue("store", max_bytes=BIG, max_age=3600, overflow="drop_oldest")
+    sink = SqliteSink("store", config, SinkContext("store", "gw", reactor, tmp_path, Logger()))
+    lines: list[dict] = []
+    log = Logger(namespace="test.sink", observer=lines.append)
+    runner = SinkRunner(sink, queue, config, reactor, log=log)
+    pipeline = Pipeline([RouteConfig(sinks=["store"])], {"store": queue}, {"store": runner})
+    runner.start()
+    try:
+        await queue.when_open()
+        await wait_until(lambda: runner.state == "ok", timeout=5)
+        conn = sink._conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count={pages}")  # the sink's disk is full
+        first = [Event(type="t", device="d", data={"pad": "p" * 500}) for _ in range(130)]
+        await defer.gatherResults([pipeline.emit(e) for e in first])  # one batch + a short one
+        await wait_until(lambda: runner.state == "retrying", timeout=5)
+        backlog = [Event(type="t", device="d", data={"pad": "p" * 500}) for _ in range(1200)]
+        await defer.gatherResults([pipeline.emit(e) for e in backlog])
+        conn.execute("PRAGMA max_page_count=1073741823")  # room again
+        await wait_until(lambda: runner.state == "ok", timeout=5)
+        recovered = reactor.seconds()
+        await wait_until(lambda: runner.delivered >= 1330, timeout=15)
+        took = reactor.seconds() - recovered
+    finally:
+        await runner.stop()
+        await store.stop()
+    # 1,330 events at 400/s, the first batch and one bucket (100) at once: about 2.8 s.
+    assert took >= 2.0, f"replayed in {took:.2f}s: not paced"
+    drained = [e for e in lines if "backlog drained" in e.get("log_format", "")]
+    assert drained and drained[0]["count"] == 1330
