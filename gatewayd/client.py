@@ -27,6 +27,7 @@ from urllib.parse import quote
 from pydantic import ValidationError
 
 from gatewayd.config_model import ApiSection
+from gatewayd.jsonin import JsonInputError, loads_external
 from gatewayd.schema import parse_host_port, split_host_port
 
 __all__ = [
@@ -106,9 +107,9 @@ def parse_arguments(items: list[str]) -> dict[str, Any]:
             raise UsageError(f"argument {key!r} is given twice")
         if as_json:
             try:
-                arguments[key] = json.loads(text)
-            except ValueError as exc:
-                raise UsageError(f"argument {key!r}: not valid JSON after ':=': {exc}") from None
+                arguments[key] = loads_external(text)
+            except JsonInputError as exc:
+                raise UsageError(f"argument {key!r}: {exc}") from None
         else:
             arguments[key] = text
     return arguments

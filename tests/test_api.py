@@ -11,6 +11,8 @@ from __future__ import annotations
 import http.client as http_client
 import io
 import json
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.web import server
 from twisted.web.client import Agent, FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.resource import getChildForRequest
 from twisted.web.test.requesthelper import DummyRequest
 
-from gatewayd.api import ApiSetupError, build_site, is_loopback, listen_api
+from gatewayd.api import ApiChannel, ApiSetupError, build_site, is_loopback, listen_api
 from gatewayd.config_model import ApiSection
 from gatewayd.metrics import CONTENT_TYPE_LATEST
 from gatewayd.plugin import (
@@ -339,6 +341,26 @@ def test_body_not_utf8_is_400(serve, raw):
     status, _, body = yield post_json(served, LEND, raw=raw)
     assert status == 400
     assert_error(body, "bad_request", "UTF-8")
+
+
+@pytest_twisted.inlineCallbacks
+def test_deeply_nested_json_is_400_and_logs_no_error(serve):
+    served = serve()
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:  # 60 KB, under max_body_bytes: the standard library's parser would hit RecursionError
+        raw = b"[" * 30_000 + b"]" * 30_000
+        status, _, body = yield post_json(served, LEND, raw=raw)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert status == 400
+    assert_error(body, "bad_request", "body: JSON nested too deeply", "more than 64 levels")
+    assert [
+        e
+        for e in logged
+        if "log_failure" in e or e.get("log_level") in (LogLevel.error, LogLevel.critical)
+    ] == []
+    assert command_counts(served.daemon) == {"lend:bad_request": 1}
 
 
 @pytest_twisted.inlineCallbacks
@@ -956,3 +978,196 @@ def test_client_disconnect_over_real_tcp(serve):
         globalLogPublisher.removeObserver(observe)
     assert failures == []
     assert command_counts(served.daemon) == {"hang:ok": 1}
+
+
+# --- bad HTTP input: an oversized or slow request head gets a status, then the connection closes -
+
+
+def _exchange(base: str, data: bytes, pause: float = 0.0, more: bytes = b"") -> bytes:
+    """Blocking: send ``data`` (then ``more`` after ``pause`` s), return all bytes until EOF."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        try:
+            sock.sendall(data)
+            if more:
+                time.sleep(pause)
+                sock.sendall(more)
+        except OSError:
+            pass  # the server may stop reading once it has answered; read what it sent
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        return b"".join(chunks)
+
+
+def _status_and_error(answer: bytes) -> tuple[bytes, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nconnection: close" in head.lower()
+    return head.split(b"\r\n", 1)[0], json.loads(body)
+
+
+def _request_line(length: int) -> bytes:
+    """``GET /health?aaa... HTTP/1.1`` exactly ``length`` bytes long."""
+    bare = b"GET /health? HTTP/1.1"
+    return b"GET /health?" + b"a" * (length - len(bare)) + b" HTTP/1.1"
+
+
+def _head(lines: list[bytes]) -> bytes:
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+GET_HEALTH = b"GET /health HTTP/1.1"
+LINE_MAX = ApiChannel.max_request_line
+HEAD_MAX = ApiChannel.totalHeadersSize
+# 40 header lines of 500 bytes: each line is short, the head is not
+SMALL_HEADERS = [b"X-Pad-%02d: " % n + b"p" * 490 for n in range(40)]
+
+
+URI_TOO_LONG = (b"HTTP/1.1 414 URI Too Long", "uri_too_long")
+HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large", "headers_too_large")
+
+
+@pytest.mark.parametrize(
+    ("request_head", "expected", "fragment"),
+    [
+        (_head([_request_line(100_000), b"Host: x"]), URI_TOO_LONG, f"than {LINE_MAX} bytes"),
+        (_head([_request_line(LINE_MAX + 1), b"Host: x"]), URI_TOO_LONG, f"than {LINE_MAX} bytes"),
+        (
+            _head([GET_HEALTH, b"Host: x", b"X-Big: " + b"a" * 200_000]),
+            HEAD_TOO_LARGE,
+            f"than {HEAD_MAX} bytes",
+        ),
+        (_head([GET_HEALTH, b"Host: x", *SMALL_HEADERS]), HEAD_TOO_LARGE, f"than {HEAD_MAX} bytes"),
+        (
+            _head([GET_HEALTH, *(b"X-%d: 1" % n for n in range(ApiChannel.maxHeaders + 1))]),
+            HEAD_TOO_LARGE,
+            f"more than {ApiChannel.maxHeaders} header fields",
+        ),
+    ],
+    ids=["url-100k", "url-over-limit", "header-200k", "many-long-headers", "too-many-headers"],
+)
+@pytest_twisted.inlineCallbacks
+def test_an_oversized_request_head_gets_its_status_then_a_close(
+    serve, request_head, expected, fragment
+):
+    served = serve()
+    answer = yield threads.deferToThread(_exchange, served.base, request_head)
+    status, body = _status_and_error(answer)
+    assert status == expected[0]
+    assert_error(body, expected[1], fragment)
+
+
+def _refused_then_keep_sending(base: str) -> tuple[bytes, float | None]:
+    """Blocking: send an oversized head, read the answer to EOF, then keep sending; returns the
+    answer and the seconds after it until the server reset the connection (None: it never did)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(GET_HEALTH + b"\r\nX-Big: " + b"a" * 20_000)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        answered = time.monotonic()
+        try:
+            while time.monotonic() - answered < 3:
+                sock.sendall(b"a" * 1000)
+                time.sleep(0.05)
+        except OSError:
+            return b"".join(chunks), time.monotonic() - answered
+        return b"".join(chunks), None
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_refused_client_may_go_on_sending_for_linger_seconds(serve, monkeypatch):
+    # the answer is followed by a half-close: what the client still sends is read and dropped,
+    # so no TCP reset destroys the answer; after linger_seconds the connection is aborted
+    monkeypatch.setattr(ApiChannel, "linger_seconds", 0.5)
+    served = serve()
+    answer, reset_after = yield threads.deferToThread(_refused_then_keep_sending, served.base)
+    assert _status_and_error(answer)[0] == HEAD_TOO_LARGE[0]
+    assert reset_after is not None and 0.3 <= reset_after < 2.5
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_request_head_at_the_limits_is_served(serve):
+    served = serve()
+    line = _head([_request_line(LINE_MAX), b"Host: x", b"Connection: close"])
+    answer = yield threads.deferToThread(_exchange, served.base, line)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    lines = [GET_HEALTH, b"Host: x", b"Connection: close"]
+    used = sum(map(len, lines))
+    lines.append(b"X-Pad: " + b"p" * (HEAD_MAX - used - len(b"X-Pad: ")))
+    answer = yield threads.deferToThread(_exchange, served.base, _head(lines))
+    assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+class _Stalling(protocol.Protocol):
+    """A client that writes ``start`` and then, if ``drip``, one byte every 0.1 s."""
+
+    def __init__(self, start: bytes, drip: bool) -> None:
+        self.start = start
+        self.drip = drip
+        self.received: list[bytes] = []
+        self.closed: defer.Deferred = defer.Deferred()
+        self.dripping: task.LoopingCall | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.start)
+        if self.drip:
+            self.dripping = task.LoopingCall(self.transport.write, b"X")
+            self.dripping.start(0.1, now=False)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def connectionLost(self, reason) -> None:
+        if self.dripping is not None and self.dripping.running:
+            self.dripping.stop()
+        self.closed.callback(None)
+
+
+@pytest.mark.parametrize(
+    ("start", "drip", "answer"),
+    [
+        (b"", False, b""),  # never sent a byte: closed without an answer
+        (b"GET /health HTTP/1.1\r\nHost: x\r\n", False, b"HTTP/1.1 408 Request Timeout"),
+        (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ", True, b"HTTP/1.1 408 Request Timeout"),
+    ],
+    ids=["silent", "stalled", "one-byte-every-0.1s"],
+)
+@pytest_twisted.inlineCallbacks
+def test_an_unfinished_request_head_is_closed_after_the_header_timeout(
+    serve, monkeypatch, start, drip, answer
+):
+    from twisted.internet import reactor
+
+    monkeypatch.setattr(ApiChannel, "header_timeout", 0.5)
+    served = serve()
+    port = int(served.base.rsplit(":", 1)[1])
+    began = reactor.seconds()
+    client = _Stalling(start, drip)
+    yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
+    try:
+        yield client.closed.addTimeout(5, reactor)
+    finally:
+        if not client.closed.called:
+            client.transport.abortConnection()
+    elapsed = reactor.seconds() - began
+    received = b"".join(client.received)
+    assert received.split(b"\r\n", 1)[0] == answer
+    if answer:
+        assert_error(_status_and_error(received)[1], "request_timeout", "0.5 s")
+    assert 0.4 <= elapsed < 2.5
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_header_timeout_spares_a_slow_command_and_an_idle_keep_alive(serve, monkeypatch):
+    monkeypatch.setattr(ApiChannel, "header_timeout", 0.3)
+    served = serve(command_timeout="0.8s")
+    status, _, body = yield post_json(served, "/api/v1/plugins/cabinets/commands/hang", {})
+    assert status == 504  # the headers were complete: only api.command_timeout applies
+    first, last = _head([GET_HEALTH, b"Host: x"]), _head([GET_HEALTH, b"Connection: close"])
+    answer = yield threads.deferToThread(_exchange, served.base, first, 0.6, last)
+    assert answer.count(b"HTTP/1.1 200 ") == 2  # 0.6 s idle between two requests: still open

@@ -56,6 +56,8 @@ def test_key_value_sends_strings_and_colon_equals_sends_json():
         ([":=3"], "the key is empty"),
         (["slot=1", "slot:=2"], "'slot' is given twice"),
         (["slots:=[1,"], "'slots': not valid JSON"),
+        (["slots:=" + "[" * 5000 + "]" * 5000], "'slots': JSON nested too deeply"),
+        (["limit:=NaN"], "'limit': not valid JSON: NaN is not a JSON value"),
     ],
 )
 def test_bad_arguments_are_usage_errors(items, message):
