@@ -536,14 +536,22 @@ def health_report(daemon: Any, now: float) -> tuple[bool, dict[str, Any]]:
     for name, runner in sorted(daemon.sinks.items()):
         queue = getattr(runner, "queue", None)
         age = oldest_age_seconds(queue, now) if queue is not None else None
+        queue_error = getattr(queue, "error", None)
+        since = getattr(queue, "error_since", None)
         sinks[name] = {
             "state": runner.state,
             "last_error": runner.last_error,
             "queued": queue.depth if queue is not None else None,
             "oldest_age_seconds": round(age, 3) if age is not None else None,
+            "queue": {
+                "state": "failing" if queue_error is not None else "ok",
+                "error": queue_error,
+                "failing_seconds": round(now - since, 3) if since is not None else None,
+            },
         }
+    # A queue that cannot store (a full disk) refuses every new event: as bad as a dead plugin.
     healthy = all(p["state"] == "running" for p in plugins.values()) and all(
-        s["state"] != "stopped" for s in sinks.values()
+        s["state"] != "stopped" and s["queue"]["state"] == "ok" for s in sinks.values()
     )
     body = {
         "status": "ok" if healthy else "degraded",
