@@ -1,0 +1,105 @@
+"""What every resource builds on: the API state (daemon view, token check) and the JSON resource."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from gatewayd.api.common import HttpError, _listing, error_payload, log, respond, respond_error
+from gatewayd.config_model import ApiSection
+from gatewayd.metrics import MetricsRenderer
+
+
+class ApiState:
+    """What every resource needs: the daemon view, the api config and the metrics renderer."""
+
+    def __init__(self, daemon: Any, config: ApiSection) -> None:
+        self.daemon = daemon
+        self.config = config
+        self.metrics = MetricsRenderer(daemon)
+
+    def authorize(self, request: server.Request) -> None:
+        """Raise 401/403 unless the request carries the configured bearer token (if any)."""
+        token = self.daemon.api_token
+        if not token:
+            return
+        header = request.getHeader(b"authorization")
+        scheme, _, given = (header or b"").strip().partition(b" ")
+        if header is None or scheme.lower() != b"bearer" or not given.strip():
+            raise HttpError(
+                401,
+                "unauthorized",
+                "this request needs an 'Authorization: Bearer <token>' header "
+                "(the token is in the file api.token_file names)",
+                {b"www-authenticate": b'Bearer realm="gatewayd"'},
+            )
+        if not hmac.compare_digest(given.strip(), token.encode("utf-8")):
+            raise HttpError(403, "forbidden", "the bearer token is not valid")
+
+    def plugin_host(self, name: str) -> Any:
+        """The PluginHost called ``name``; 404 listing the configured plugins otherwise."""
+        host = self.daemon.plugins.get(name)
+        if host is None:
+            raise HttpError(
+                404,
+                "not_found",
+                f"unknown plugin {name!r} (configured: {_listing(self.daemon.plugins)})",
+            )
+        return host
+
+    def now(self) -> float:
+        return self.daemon.reactor.seconds()
+
+
+class JsonResource(Resource):
+    """Base resource: JSON answers, JSON 404 for unknown children and JSON 405 for other methods.
+
+    Subclasses define ``render_GET``/``render_POST`` returning bytes (see ``respond``) or
+    NOT_DONE_YET, and raise HttpError for error answers. A trailing slash is accepted.
+    """
+
+    def __init__(self, api: ApiState) -> None:
+        super().__init__()
+        self.api = api
+
+    def getChild(self, path: bytes, request: server.Request) -> Resource:
+        if path == b"":
+            return self
+        return NotFoundResource(self.api)
+
+    def allowed_methods(self) -> list[str]:
+        methods = [m for m in ("GET", "POST") if callable(getattr(self, f"render_{m}", None))]
+        return methods + (["HEAD"] if "GET" in methods else [])
+
+    def render(self, request: server.Request) -> Any:
+        method = request.method.decode("ascii", "replace")
+        handler = getattr(self, f"render_{'GET' if method == 'HEAD' else method}", None)
+        try:
+            if handler is None:
+                allowed = self.allowed_methods()
+                raise HttpError(
+                    405,
+                    "method_not_allowed",
+                    f"{method} is not allowed on {request.path.decode('utf-8', 'replace')} "
+                    f"(allowed: {', '.join(allowed) or 'none'})",
+                    {b"allow": ", ".join(allowed).encode("ascii")},
+                )
+            return handler(request)
+        except HttpError as error:
+            return respond_error(request, error)
+        except Exception:
+            log.failure("control API: {method} {uri} failed", method=method, uri=request.uri)
+            return respond(request, 500, error_payload("internal", "internal error; see the log"))
+
+
+class NotFoundResource(JsonResource):
+    """Any path the API does not have: 404 whatever the method."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        return respond_error(request, HttpError(404, "not_found", f"no such endpoint: {path}"))
