@@ -53,6 +53,10 @@ class HeatingConfig(PluginConfig):
     manufacturer_code: str = Field("001111", pattern=r"^[0-9A-Fa-f]{6}$")
     #: Most gateways tracked; more are still decoded but not tracked for online/offline.
     max_gateways: int = Field(10000, ge=1)
+    #: A report (msg 20) that can come again (QoS 1 or retained): within this long, the same
+    #: payload from the same gateway is stored once (its events' idempotency keys are kept this
+    #: long, across restarts). 0 or null: no keys, every delivery is stored.
+    dedupe_window: Duration | None = 600.0
 
     @field_validator("topic_prefix")
     @classmethod

@@ -24,6 +24,12 @@ becomes ``frame.invalid`` (``internal_error``): neither stops the MQTT loop or o
 
 With ``subscribe_qos: 1`` a QoS 1 message (the gateways publish their last will with QoS 1,
 their reports with QoS 0) is acknowledged to the broker only after its events are durable.
+
+A report (msg 20) that can come again (delivered with QoS 1, or retained) gives each of its
+events an idempotency key: the gateway of the topic, a hash of the payload bytes and the event's
+index in the message (``message_identity``). The queues store each key's event once within
+``dedupe_window``, across restarts too, so the broker's redelivery of a report stored before a
+crash is acknowledged again but yields no second ``meter.reading`` (see the README).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from hashlib import blake2b
 from typing import Any, Literal
 
 from gatewayd.protocols import cjt188, hygw
@@ -60,7 +67,7 @@ from .config import (
 )
 from .state import STAT, Correlator, Gateway, GatewayRegistry, PendingCommand
 
-__all__ = ["BrokerUnavailable", "HeatingPlugin", "periods_data", "status_data"]
+__all__ = ["BrokerUnavailable", "HeatingPlugin", "message_identity", "periods_data", "status_data"]
 
 MSG_STATUS, MSG_PERIODS, MSG_SET_PERIODS, MSG_READ_NOW = 1, 2, 12, 18
 MSG_METER_REPORT, MSG_REBOOT, MSG_TRANSPARENT, MSG_LAST_WILL = 20, 30, 40, 70
@@ -68,6 +75,11 @@ MSG_METER_REPORT, MSG_REBOOT, MSG_TRANSPARENT, MSG_LAST_WILL = 20, 30, 40, 70
 MAX_PAYLOAD = 64 * 1024
 #: Characters of an undecodable payload kept in the frame.invalid event's ``raw``.
 MAX_RAW = 4096
+#: Messages whose events get idempotency keys when they can be delivered again: readings, which
+#: a repeat within ``dedupe_window`` would only duplicate. Status (msg 1, also a heartbeat),
+#: periods (2), command replies (12, 18, 30, 40) and the last will (70) are not keyed: see the
+#: README, "Redelivered reports".
+KEYED_MSG_IDS = frozenset({MSG_METER_REPORT})
 
 
 class BrokerUnavailable(CommandError):
@@ -81,6 +93,12 @@ def default_client_id(instance: str) -> str:
     """``gatewayd-<host>-<instance>``: unique per box and plugin instance, never a gw_id."""
     raw = f"gatewayd-{socket.gethostname()}-{instance}"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:64]
+
+
+def message_identity(gw_id: str, payload: bytes) -> str:
+    """``<gw_id>:<24 hex>``: the gateway and a 96-bit BLAKE2b of the payload's bytes, the same
+    for every delivery of one MQTT message (its events' keys append ``:<index>``)."""
+    return f"{gw_id}:{blake2b(payload, digest_size=12).hexdigest()}"
 
 
 def _iso(posix: float | None) -> str | None:
@@ -188,6 +206,8 @@ class HeatingPlugin(Plugin):
         self.unknown_msg_ids: Counter[int] = Counter()
         self.unsolicited = 0
         self.handler_errors = 0
+        #: Seconds the queues keep a report's keys (``dedupe_window``); 0: no keys.
+        self.dedupe_window = config.dedupe_window or 0.0
         self._housekeeping: task.LoopingCall | None = None
         self._handlers: dict[int, Callable[..., None]] = {
             MSG_STATUS: self._on_status,
@@ -313,7 +333,7 @@ class HeatingPlugin(Plugin):
         """One MQTT message; returns a Deferred that fires when its events are durable."""
         self.context.metrics.frames_in += 1
         try:
-            return self._dispatch(topic, payload)
+            return self._dispatch(topic, payload, bool(qos or retain))
         except Exception as exc:
             self.handler_errors += 1
             if self.handler_errors % 1000 == 1:  # a bug hit by every message: not every time
@@ -330,7 +350,8 @@ class HeatingPlugin(Plugin):
                 topic=topic,
             )
 
-    def _dispatch(self, topic: str, payload: bytes) -> Any:
+    def _dispatch(self, topic: str, payload: bytes, repeatable: bool) -> Any:
+        """``repeatable``: the broker may deliver this message again (QoS 1, or retained)."""
         if len(payload) > MAX_PAYLOAD:
             return self._emit_invalid(
                 self._topic_gw_id(topic),
@@ -374,7 +395,10 @@ class HeatingPlugin(Plugin):
         if handler is None:
             self._unknown(message)
         else:
-            handler(message, gateway, emits)
+            identity = None
+            if repeatable and message.msg_id in KEYED_MSG_IDS and self.dedupe_window:
+                identity = message_identity(hygw.topic_gw_id(topic, self.prefix)[1], payload)
+            handler(message, gateway, emits, identity)
         if not emits:
             return None
         if len(emits) == 1:
@@ -388,13 +412,22 @@ class HeatingPlugin(Plugin):
             return None
 
     def _emit_invalid(
-        self, device: str | None, reason: str, message: str, raw: str | None, **extra: Any
+        self,
+        device: str | None,
+        reason: str,
+        message: str,
+        raw: str | None,
+        *,
+        key: str | None = None,
+        **extra: Any,
     ) -> defer.Deferred:
         data = {"reason": reason, "message": message, **extra}
         if raw is not None and len(raw) > MAX_RAW:
             data["raw_truncated"] = len(raw)
             raw = raw[:MAX_RAW]
-        return self.context.emit("frame.invalid", device, data, raw=raw)
+        return self.context.emit(
+            "frame.invalid", device, data, raw=raw, key=key, window=self.dedupe_window
+        )
 
     def _unknown(self, message: hygw.Message) -> None:
         self.unknown_msg_ids[message.msg_id] += 1
@@ -407,21 +440,27 @@ class HeatingPlugin(Plugin):
             kind=message.kind,
         )
 
-    def _on_status(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+    def _on_status(
+        self, message: hygw.Message, gateway: Gateway | None, emits: list, identity: Any = None
+    ) -> None:
         data = status_data(message)
         if gateway is not None:
             gateway.status = data
         emits.append(self.context.emit("gateway.status", message.gw_id, data, raw=message.raw))
         self._answer(message)
 
-    def _on_periods(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+    def _on_periods(
+        self, message: hygw.Message, gateway: Gateway | None, emits: list, identity: Any = None
+    ) -> None:
         data = periods_data(message)
         if gateway is not None:
             gateway.periods = data
         emits.append(self.context.emit("gateway.periods", message.gw_id, data, raw=message.raw))
         self._answer(message)
 
-    def _on_stat_reply(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+    def _on_stat_reply(
+        self, message: hygw.Message, gateway: Gateway | None, emits: list, identity: Any = None
+    ) -> None:
         self._answer(message)
 
     def _answer(self, message: hygw.Message) -> None:
@@ -450,7 +489,15 @@ class HeatingPlugin(Plugin):
             code=stat.code,
         )
 
-    def _on_meter_report(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+    def _on_meter_report(
+        self,
+        message: hygw.Message,
+        gateway: Gateway | None,
+        emits: list,
+        identity: str | None = None,
+    ) -> None:
+        """One event per entry of ``meter_data``; with ``identity`` (a message that can come
+        again), event ``n`` has the key ``<identity>:<n>``, the same in every delivery."""
         gw_id = message.gw_id
         meter = message.values.get("meter_id")
         if meter is None:
@@ -461,6 +508,7 @@ class HeatingPlugin(Plugin):
                     "meter_id",
                     f"meter_id must be 14 hex digits, got {raw_id!r}",
                     message.raw,
+                    key=None if identity is None else f"{identity}:0",
                     msg_id=MSG_METER_REPORT,
                 )
             )
@@ -474,6 +522,7 @@ class HeatingPlugin(Plugin):
                     "no_frames",
                     "msg 20 without a hex frame in meter_data",
                     message.raw,
+                    key=None if identity is None else f"{identity}:0",
                     gateway=gw_id,
                     meter_id=meter_id,
                 )
@@ -485,7 +534,9 @@ class HeatingPlugin(Plugin):
                 gateway, meter_id, meter["number"], meter["protocol"], meter["port"]
             )
         bcd_decimals = self.config.bcd_decimals
-        for hex_frame in frames:
+        emit, window = self.context.emit, self.dedupe_window
+        for n, hex_frame in enumerate(frames):
+            key = None if identity is None else f"{identity}:{n}"
             try:
                 frame = cjt188.parse_hex(hex_frame)
             except Cjt188Error as exc:
@@ -495,6 +546,7 @@ class HeatingPlugin(Plugin):
                         exc.reason,
                         exc.message,
                         hex_frame,
+                        key=key,
                         gateway=gw_id,
                         meter_id=meter_id,
                     )
@@ -516,9 +568,13 @@ class HeatingPlugin(Plugin):
             if known is not None:
                 known.meter_type = frame.meter_type
                 known.address = frame.address
-            emits.append(self.context.emit("meter.reading", meter_id, data, raw=hex_frame))
+            emits.append(
+                emit("meter.reading", meter_id, data, raw=hex_frame, key=key, window=window)
+            )
 
-    def _on_transparent(self, message: hygw.Message, gateway: Gateway | None, emits: list) -> None:
+    def _on_transparent(
+        self, message: hygw.Message, gateway: Gateway | None, emits: list, identity: Any = None
+    ) -> None:
         pending = self.correlator.get(message.gw_id, MSG_TRANSPARENT)
         if pending is None:
             self.unsolicited += 1

@@ -1,12 +1,16 @@
-"""Brokers for the MQTT tests: mosquitto with a config file (TLS, passwords), and a silent one."""
+"""Brokers for the MQTT tests: mosquitto with a config file (TLS, passwords), a silent one, and
+a proxy that can swallow our PUBACKs (so the broker redelivers)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +194,124 @@ class SilentBrokerFactory(protocol.Factory):
 
     def __init__(self) -> None:
         self.connections = 0
+
+
+def mqtt_packets(buffer: bytearray) -> list[bytes]:
+    """Take the whole MQTT packets off the front of ``buffer`` (fixed header included)."""
+    packets = []
+    while len(buffer) >= 2:
+        length, multiplier, position = 0, 1, 1
+        while True:
+            if position >= len(buffer):
+                return packets
+            byte = buffer[position]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            position += 1
+            if not byte & 0x80:
+                break
+        if len(buffer) < position + length:
+            return packets
+        packets.append(bytes(buffer[: position + length]))
+        del buffer[: position + length]
+    return packets
+
+
+class PubackSwallowingProxy:
+    """A TCP proxy in front of a broker that reads the MQTT packets going through it.
+
+    While ``swallow_pubacks`` is true it drops the client's PUBACKs: the client believes it has
+    acknowledged, the broker still holds the QoS 1 messages as in flight and re-sends them (DUP
+    set) when the client's persistent session reconnects. ``log`` lists what passed, per
+    connection (numbered from 1): ``(connection, direction, kind, detail)`` with direction
+    ``down`` (broker -> client) or ``up``; PUBLISH details are ``(qos, dup, packet id, topic)``,
+    PUBACK details ``(packet id, swallowed)``.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.swallow_pubacks = False
+        self.log: list[tuple[int, str, str, Any]] = []
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._server]
+
+    def start(self) -> PubackSwallowingProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def seen(self, direction: str, kind: str, connection: int | None = None) -> list[Any]:
+        """Details of the packets of ``kind`` seen going ``direction`` (on one connection)."""
+        with self._lock:
+            return [
+                detail
+                for number, way, what, detail in self.log
+                if way == direction and what == kind and connection in (None, number)
+            ]
+
+    @property
+    def connections(self) -> int:
+        return self._connections
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._sockets += [client, upstream]
+            with self._lock:
+                self._connections += 1
+                number = self._connections
+            threading.Thread(
+                target=self._pump, args=(client, upstream, number, "up"), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, number, "down"), daemon=True
+            ).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, number: int, way: str) -> None:
+        buffer = bytearray()
+        try:
+            while data := source.recv(65536):
+                buffer += data
+                for packet in mqtt_packets(buffer):
+                    if self._note(number, way, packet):
+                        sink.sendall(packet)
+        except OSError:
+            pass
+        for sock in (source, sink):  # one side gone: close both, as a dead peer would
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _note(self, number: int, way: str, packet: bytes) -> bool:
+        """Log the packet; False to drop it."""
+        kind = packet[0] >> 4
+        body = packet[1:]
+        while body[0] & 0x80:  # skip the remaining-length bytes
+            body = body[1:]
+        body = body[1:]
+        forward, entry = True, None
+        if kind == 3:  # PUBLISH
+            qos, dup = (packet[0] >> 1) & 3, bool(packet[0] & 8)
+            length = int.from_bytes(body[:2], "big")
+            topic = body[2 : 2 + length].decode("utf-8", "replace")
+            mid = int.from_bytes(body[2 + length : 4 + length], "big") if qos else None
+            entry = ("PUBLISH", (qos, dup, mid, topic))
+        elif kind == 4:  # PUBACK
+            forward = not (way == "up" and self.swallow_pubacks)
+            entry = ("PUBACK", (int.from_bytes(body[:2], "big"), not forward))
+        elif kind == 9:
+            entry = ("SUBACK", None)
+        if entry is not None:
+            with self._lock:
+                self.log.append((number, way, *entry))
+        return forward

@@ -1,5 +1,6 @@
 """The daemon as a real process with the heating plugin: the broker dies and comes back while
-simulated gateways report, and the daemon keeps running, reconnects and stores what follows."""
+simulated gateways report, and the daemon keeps running, reconnects and stores what follows;
+a report the broker redelivers after ``kill -9`` is stored once."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from gatewayd.testing import free_port
@@ -108,3 +110,95 @@ def test_broker_restart_under_a_running_daemon(tmp_path, mosquitto):
             daemon.kill()
             raise
     assert code == 0, daemon.stderr.read().decode()[-3000:]
+
+
+def readings_by_meter(db: Path) -> dict[str, int]:
+    """meter_id -> meter.reading rows in the sqlite sink."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT device, count(*) FROM events WHERE type = 'meter.reading' GROUP BY device"
+        ).fetchall()
+    return dict(rows)
+
+
+def test_a_report_redelivered_after_kill_9_is_stored_once(tmp_path, mosquitto):
+    """Issue 12 item 6: the broker's redelivery of a QoS 1 report after ``kill -9`` is not a
+    second event, nor is the gateway's own retry of it.
+
+    A real redelivery, not a re-publish: the daemon reaches mosquitto through a proxy that
+    swallows its PUBACKs. So the first daemon stores the two reports' readings (and believes
+    it acknowledged them) while mosquitto still holds them as in flight. After ``kill -9`` a
+    second daemon on the same state_dir resumes the persistent session (clean_session false,
+    same client id) and mosquitto re-sends both (DUP set): the keys committed with the first
+    readings in the queue file must make the second daemon acknowledge them without storing
+    them again. Then a gateway's retry (the same bytes published anew) is not stored either,
+    and a new report is. The sink must hold exactly one reading per meter."""
+    from gatewayd.plugins.heating.simulator import make_meters
+    from gatewayd.protocols import hygw
+
+    from .brokers import PubackSwallowingProxy
+    from .vectors import FRAME_53, FRAME_55, GW_ID, METER_53, METER_55, SET_TOPIC, meter_report
+
+    proxy = PubackSwallowingProxy(mosquitto.port).start()
+    proxy.swallow_pubacks = True
+    api_port, db = free_port(), tmp_path / "events.db"
+    config = daemon_config(
+        tmp_path,
+        api_port,
+        f"""\
+plugins:
+  heating:
+    type: heating
+    broker: {{host: 127.0.0.1, port: {proxy.port}, client_id: gatewayd-redelivery,
+              clean_session: false, probe_interval: 0, reconnect_initial: 0.1s,
+              reconnect_max: 0.5s}}
+sinks:
+  store: {{type: sqlite, path: {db}}}
+routes:
+  - {{match: {{type: "*"}}, sinks: [store]}}
+""",
+    )
+    reports = [meter_report(METER_55, FRAME_55), meter_report(METER_53, FRAME_53)]
+    third = make_meters(0, 3, seed=1)[2]
+    new_report = hygw.build_meter_report(GW_ID, third.meter_id, third.reading())
+    gateway = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=GW_ID)
+    gateway.connect("127.0.0.1", mosquitto.port)
+    gateway.loop_start()
+
+    def publish(payload: bytes) -> None:
+        gateway.publish(SET_TOPIC, payload, qos=1).wait_for_publish(5)
+
+    daemon = child("run", "-c", str(config))
+    try:
+        assert wait_until(lambda: proxy.seen("down", "SUBACK", 1))
+        for report in reports:
+            publish(report)
+        assert wait_until(lambda: len(proxy.seen("up", "PUBACK", 1)) == 2)  # swallowed
+        assert wait_until(lambda: db.exists() and sum(readings_by_meter(db).values()) == 2)
+        daemon.kill()  # kill -9
+        daemon.wait(10)
+        proxy.swallow_pubacks = False
+
+        daemon = child("run", "-c", str(config))
+        assert wait_until(lambda: len(proxy.seen("up", "PUBACK", 2)) == 2)
+        redelivered = proxy.seen("down", "PUBLISH", 2)
+        assert [(qos, dup) for qos, dup, _, _ in redelivered] == [(1, True), (1, True)]
+        publish(reports[0])  # the gateway's own retry: a new PUBLISH, the same bytes
+        publish(new_report)
+        assert wait_until(lambda: len(proxy.seen("up", "PUBACK", 2)) == 4)
+        assert wait_until(lambda: readings_by_meter(db).get(third.meter_id) == 1)
+        # The queue hands out in order: what came before the new report is in the sink too.
+        assert readings_by_meter(db) == {METER_55: 1, METER_53: 1, third.meter_id: 1}
+        assert metric(api_port, "gatewayd_queue_deduplicated_total") == 3
+    finally:
+        gateway.loop_stop()
+        gateway.disconnect()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            code = daemon.wait(20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            raise
+        proxy.stop()
+    assert code == 0, daemon.stderr.read().decode()[-3000:]
+    assert readings_by_meter(db) == {METER_55: 1, METER_53: 1, third.meter_id: 1}

@@ -1,11 +1,13 @@
 """The heating plugin without a broker: a fake MQTT link and a Clock.
 
 Events from the seed's messages, frame.invalid, offline_after, polling, command correlation
-(one in flight -> 409), stat mapping (-> 502), timeouts (-> 504), set_valve frames.
+(one in flight -> 409), stat mapping (-> 502), timeouts (-> 504), set_valve frames, and the
+idempotency keys of reports that can be redelivered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -322,6 +324,151 @@ def test_handler_result_fires_only_when_events_are_durable():
     assert durable == []
     harness.collector.release()
     assert len(durable) == 1
+
+
+# --- redelivered reports (idempotency keys) ----------------------------------------------------
+
+OTHER_GW_ID = "02345678904"
+
+
+def keys_of(events) -> list[str | None]:
+    return [None if e.key is None else e.key[0] for e in events]
+
+
+def test_a_redelivered_qos1_report_is_stored_once_and_acknowledged_again():
+    harness, _, link = make()
+    report = meter_report(METER_53, FRAME_53_BAD_CHECKSUM, FRAME_53, FRAME_53)
+    first = result_of(link.deliver(report, qos=1))
+    assert harness.collector.types() == [
+        "device.online",
+        "frame.invalid",
+        "meter.reading",
+        "meter.reading",
+    ]
+    identity = f"{GW_ID}:{hashlib.blake2b(report, digest_size=12).hexdigest()}"
+    stored = harness.collector.events[1:]
+    # One key per event, by its index in the message: two equal frames are two readings.
+    assert keys_of(stored) == [f"test:{identity}:{n}" for n in range(3)]
+    assert {e.key[1] for e in stored} == {600.0}
+    assert keys_of(harness.collector.events[:1]) == [None]  # device.online: the run's view
+
+    again = result_of(link.deliver(report, qos=1))  # the broker's redelivery
+    assert len(harness.collector.events) == 4
+    assert keys_of(harness.collector.deduplicated) == keys_of(stored)
+    assert first == again == [None]  # fired, not failed: the link acknowledges it again
+    assert harness.context.metrics.frames_invalid == 2  # counted as received, stored once
+
+
+def test_a_different_report_from_the_same_gateway_is_new():
+    harness, _, link = make()
+    link.deliver(meter_report(METER_55, FRAME_55), qos=1)
+    link.deliver(meter_report(METER_53, FRAME_53), qos=1)
+    link.deliver(meter_report(METER_53, FRAME_53_BAD_CHECKSUM), qos=1)
+    assert harness.collector.types() == [
+        "device.online",
+        "meter.reading",
+        "meter.reading",
+        "frame.invalid",
+    ]
+    keys = keys_of(harness.collector.events[1:])
+    assert None not in keys and len(set(keys)) == 3
+    assert harness.collector.deduplicated == []
+
+
+def test_the_same_payload_from_another_gateway_is_new():
+    harness, _, link = make()
+    report = meter_report(METER_55, FRAME_55)
+    link.deliver(report, qos=1)
+    # The very same bytes on another gateway's topic, and that gateway's own report.
+    link.deliver(report, topic=f"hy/gw/set/{OTHER_GW_ID}", qos=1)
+    link.deliver(
+        meter_report(METER_55, FRAME_55, gw_id=OTHER_GW_ID), topic=f"hy/gw/set/{OTHER_GW_ID}", qos=1
+    )
+    readings = harness.collector.of_type("meter.reading")
+    assert len(readings) == 3
+    keys = keys_of(readings)
+    assert None not in keys and len(set(keys)) == 3
+    assert keys[1].startswith(f"test:{OTHER_GW_ID}:")
+    assert harness.collector.deduplicated == []
+
+
+def test_a_redelivery_after_a_restart_is_stored_once_but_the_gateway_is_new_to_the_run():
+    harness, _, link = make()
+    report = meter_report(METER_55, FRAME_55)
+    link.deliver(report, qos=1)
+    # A new process on the same queues: they still hold the keys (EventCollector.keys).
+    restarted, _, relink = make()
+    restarted.collector.keys = set(harness.collector.keys)
+    assert result_of(relink.deliver(report, qos=1)) == [None]
+    assert restarted.collector.types() == ["device.online"]  # first_seen by this run
+    assert restarted.collector.events[0].data["reason"] == "first_seen"
+    assert [e.type for e in restarted.collector.deduplicated] == ["meter.reading"]
+
+
+def test_the_keys_do_not_depend_on_a_device_online_in_the_same_delivery():
+    harness, _, link = make()
+    report = meter_report(METER_55, FRAME_55)
+    link.deliver(report, qos=1)
+    link.deliver(LAST_WILL, topic=SET_TOPIC + "/", qos=1)
+    link.deliver(report, qos=1)  # redelivered after the gateway went offline: it returns
+    assert harness.collector.types() == [
+        "device.online",
+        "meter.reading",
+        "device.offline",
+        "device.online",
+    ]
+    assert [e.type for e in harness.collector.deduplicated] == ["meter.reading"]
+
+
+def test_a_retained_report_replayed_on_subscribe_is_stored_once():
+    harness, _, link = make()
+    report = meter_report(METER_55, FRAME_55)
+    link.on_message(SET_TOPIC, report, 0, True)
+    link.on_message(SET_TOPIC, report, 0, True)
+    assert len(harness.collector.of_type("meter.reading")) == 1
+    assert len(harness.collector.deduplicated) == 1
+
+
+def test_qos0_reports_heartbeats_replies_and_wills_are_never_suppressed():
+    """A QoS 0 message is never redelivered, so an equal one is a new report (a valve whose
+    reading did not change); status (a heartbeat), periods and the last will repeat legitimately
+    with the same bytes, so they carry no key even with QoS 1."""
+    harness, _, link = make()
+    report = meter_report(METER_55, FRAME_55)
+    link.deliver(report)
+    link.deliver(report)
+    for _ in range(2):
+        link.deliver(STATUS_REPORT, qos=1)
+        link.deliver(PERIODS_REPORT, qos=1)
+        link.deliver(LAST_WILL, topic=SET_TOPIC + "/", qos=1)
+    assert harness.collector.types() == [
+        "device.online",
+        "meter.reading",
+        "meter.reading",
+        "gateway.status",
+        "gateway.periods",
+        "device.offline",
+        "device.online",
+        "gateway.status",
+        "gateway.periods",
+        "device.offline",
+    ]
+    assert keys_of(harness.collector.events) == [None] * 10
+    assert harness.collector.deduplicated == []
+
+
+@pytest.mark.parametrize(("window", "expected"), [(0, None), (None, None), ("5m", 300.0)])
+def test_dedupe_window(window, expected):
+    harness, _, link = make(dedupe_window=window)
+    report = meter_report(METER_55, FRAME_55)
+    link.deliver(report, qos=1)
+    link.deliver(report, qos=1)
+    readings = harness.collector.of_type("meter.reading")
+    if expected is None:  # off: every delivery is stored, unkeyed
+        assert keys_of(readings) == [None, None]
+    else:
+        assert [e.key[1] for e in readings] == [expected]
+        assert len(harness.collector.deduplicated) == 1
 
 
 # --- online / offline ---------------------------------------------------------------------------
