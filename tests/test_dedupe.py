@@ -198,3 +198,25 @@ async def test_queue_files_are_private_whatever_the_umask(tmp_path: Path) -> Non
     assert stat.S_IMODE((tmp_path / "queues").stat().st_mode) == 0o700
     for path in (tmp_path / "queues").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keyed_put_a_full_queue_refused_is_refused_again_not_deduplicated(
+    tmp_path: Path,
+) -> None:
+    store = await started(tmp_path)
+    try:
+        queue = store.queue("q", max_bytes=100, max_age=1e9, overflow="drop_newest")
+        await queue.when_open()
+        await queue.put("x" * 80)
+        first: defer.Deferred = defer.Deferred()
+        again: defer.Deferred = defer.Deferred()
+        with store._cond:  # both in one writer round
+            queue._puts.append(("y" * 80, first, ("k", 60)))
+            queue._puts.append(("y" * 80, again, ("k", 60)))
+            store._has_work = True
+            store._cond.notify()
+        assert (await first) is not None and (await again) is not None  # both Refused
+        assert queue.deduplicated == 0 and not store.seen("k")
+    finally:
+        await store.stop()

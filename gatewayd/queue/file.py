@@ -389,15 +389,15 @@ class QueueFile:
             except (UnicodeEncodeError, AttributeError) as exc:
                 invalid.append((waiter, exc))
                 continue
-            if key is not None:
-                if key[0] in known:  # already durable: stored once, acknowledged again
-                    self.deduplicated += 1
-                    accepted.append(waiter)
-                    continue
-                known.add(key[0])
+            if key is not None and key[0] in known:  # already durable: acknowledged again
+                self.deduplicated += 1
+                accepted.append(waiter)
+                continue
             if keep_newest and total + size > limit:
                 refused.append(waiter)
                 continue
+            if key is not None:
+                known.add(key[0])  # only once stored: a refused put's repeat is refused too
             total += size
             rows.append((now, size, payload))
             accepted.append(waiter)
