@@ -56,7 +56,7 @@ class HeatingConfig(PluginConfig):
     #: A report (msg 20) that can come again (QoS 1 or retained): within this long, the same
     #: payload from the same gateway is stored once (its events' idempotency keys are kept this
     #: long, across restarts). 0 or null: no keys, every delivery is stored.
-    dedupe_window: Duration | None = 600.0
+    dedupe_window: Duration | None = 300.0
 
     @field_validator("topic_prefix")
     @classmethod
