@@ -287,6 +287,9 @@ class MqttClient:
     tick_interval = 1.0
     #: A connection that lasted this long resets the backoff to ``reconnect_initial``.
     stable_after = 10.0
+    #: Seconds after a QoS 1 message could not be stored before the client reconnects, so that
+    #: the broker delivers it again (MQTT 3.1.1 redelivers unacknowledged messages on reconnect).
+    redeliver_after = 10.0
     #: Packets read per reactor wake-up before other work gets its turn.
     max_reads_per_wakeup = 512
 
@@ -336,6 +339,7 @@ class MqttClient:
         self._reconnect_call: Any = None
         self._connack_call: Any = None
         self._tick_call: Any = None
+        self._redeliver_call: Any = None
         self._last_inbound = 0.0
         self._probe_sent_at: float | None = None
         self._probe_ok = True
@@ -385,10 +389,16 @@ class MqttClient:
         self._stop_waiters = [done]
         previous = self.state
         self._set_state(STOPPED)
-        for call in (self._reconnect_call, self._connack_call, self._tick_call):
+        for call in (
+            self._reconnect_call,
+            self._connack_call,
+            self._tick_call,
+            self._redeliver_call,
+        ):
             if call is not None and call.active():
                 call.cancel()
         self._reconnect_call = self._connack_call = self._tick_call = None
+        self._redeliver_call = None
         self._fail_pending(NotConnected("the MQTT client was stopped"))
         if self._connecting is not None:
             # A connect is running in a thread; close its socket once it returns.
@@ -762,12 +772,29 @@ class MqttClient:
             )
 
     def _ack_later(self, result: Any, mid: int, qos: int, generation: int) -> None:
-        """Acknowledge once the handler's work is durable; never on a later connection."""
+        """Acknowledge once the handler's work is durable; never on a later connection.
+
+        A message whose events could not be stored (a full disk) is not acknowledged: the broker
+        keeps it, and ``redeliver_after`` seconds later the client reconnects so that the broker
+        delivers it again. Acknowledging it would lose it.
+        """
         if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
             self._not_durable(result, mid)
+            if qos and generation == self._generation:
+                self._redeliver_later()
+            return None
         if generation == self._generation and self.connected and self._client is not None:
             self._client.ack(mid, qos)
         return None
+
+    def _redeliver_later(self) -> None:
+        if self._redeliver_call is None or not self._redeliver_call.active():
+            self._redeliver_call = self.reactor.callLater(self.redeliver_after, self._redeliver)
+
+    def _redeliver(self) -> None:
+        self._redeliver_call = None
+        if self.state == CONNECTED:
+            self._abort("reconnecting: the broker delivers the messages that were not stored again")
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         d = self._pending.by_mid.pop(mid, None)

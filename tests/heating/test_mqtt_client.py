@@ -293,6 +293,48 @@ def test_qos1_is_acknowledged_only_after_the_handler_result_fires(mosquitto):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_message_that_was_not_stored_is_not_acknowledged_but_delivered_again(
+    mosquitto, monkeypatch
+):
+    """A full disk: the handler's events could not be stored. Acknowledging the message would
+    lose it; instead the client reconnects and the broker delivers it again."""
+    from gatewayd.queue import QueueError
+
+    monkeypatch.setattr(MqttClient, "redeliver_after", 0.3)
+    outcomes = [QueueError("queue store: database or disk is full")]
+
+    def store():
+        if outcomes:
+            return defer.fail(outcomes.pop())
+        return defer.succeed(None)
+
+    inbox = Inbox(result=store)
+    link = client(
+        mosquitto.port, "full-disk", inbox, [("t/#", 1)], manual_ack=True, clean_session=False
+    )
+    publisher = client(mosquitto.port, "pub")
+    link.start()
+    publisher.start()
+    try:
+        yield link.when_connected().addTimeout(5, reactor)
+        yield publisher.when_connected().addTimeout(5, reactor)
+        yield link.when_subscribed().addTimeout(5, reactor)
+        yield publisher.publish("t/1", b"reading", qos=1)
+        yield wait_until(lambda: len(inbox.messages) == 2, timeout=5)  # delivered again
+        assert inbox.messages[1][1:] == (b"reading", 1)
+        assert link.stats.not_durable == 1
+        yield link.when_connected().addTimeout(5, reactor)
+        yield sleep(0.2)
+        link.drop("test")  # the second delivery was stored and acknowledged: not again
+        yield link.when_connected().addTimeout(5, reactor)
+        yield sleep(0.5)
+        assert len(inbox.messages) == 2
+    finally:
+        yield link.stop()
+        yield publisher.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_will_is_published_on_drop_but_not_on_stop(mosquitto):
     inbox = Inbox()
     watcher = client(mosquitto.port, "watcher", inbox, [("will/#", 1)])
