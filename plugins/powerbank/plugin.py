@@ -269,6 +269,8 @@ class PowerbankPlugin(Plugin):
             is_allowed=(lambda imei: True) if allowed is None else allowed.__contains__,
             accepts_bank=(lambda bank: True) if banks is None else banks.__contains__,
             record=context.record,
+            seen=context.seen,
+            forget=context.forget,
         )
         rate = config.rate_limit
         self.server = CabinetServer(

@@ -9,7 +9,10 @@ driven by a ``twisted.internet.task.Clock`` and a fake connection in tests:
   for its status (CQ) and the lend is reconciled from the AQ answer; a late MC(BO) is still
   acknowledged and reconciles a timed-out lend once;
 * every MC / MR / MQ is answered, duplicates again, but its effects (events, state) apply once
-  within ``duplicate_window``;
+  within ``duplicate_window``, also across a restart or a ``kill -9``: the event of a result
+  frame carries an idempotency key (``result_key``) that the durable queues commit with it, and
+  the lends that closed without a result (``lend.timeout``, ``lend.reconciled``) carry one too
+  (``closed_key``), so a restarted daemon still knows them (``seen``);
 * AM / AR acknowledge a result only once the event that records it is durable (``emit()``'s
   Deferred fired with None), so an acknowledged lend or return is never lost.
 
@@ -49,13 +52,16 @@ __all__ = [
     "EventStoreFailed",
     "FlowSettings",
     "PendingLend",
+    "closed_key",
+    "result_key",
     "slots_data",
 ]
 
 log = Logger(namespace="gatewayd.plugins.powerbank.state")
 
-#: emit(type, device, data, raw) -> Deferred firing with None once the event is durable.
-Emit = Callable[[str, str | None, dict[str, Any], str | None], defer.Deferred]
+#: emit(type, device, data, raw, *, key=None, window=...) -> Deferred firing with None once
+#: the event is durable (``PluginContext.emit``): with a key, a repeat is not stored again.
+Emit = Callable[..., defer.Deferred]
 
 #: Answers (and closed lends) remembered per cabinet: expired ones go once there are PURGE_AT,
 #: and beyond MAX_REMEMBERED the oldest go too, so neither grows with months of traffic.
@@ -99,6 +105,20 @@ class FlowSettings:
     query_timeout: float = 10.0
     duplicate_window: float = 600.0
     emit_heartbeats: bool = False
+
+
+def result_key(packet: LendResult | ReturnResult) -> str:
+    """The idempotency key of a result frame: what stays the same when the cabinet resends it
+    (not the raw text: spacing, separators and CRC case may differ), e.g.
+    ``result:860000000000001:MC:RO:2:0000000012``."""
+    return f"result:{packet.imei}:{packet.command}:{packet.code}:{packet.slot}:{packet.bank}"
+
+
+def closed_key(imei: str, slot: int, bank: str, outcome: str) -> str:
+    """The idempotency key of the event that closed a lend without its result: ``timeout``
+    (``lend.timeout``) or ``reconciled`` (``lend.reconciled``), e.g.
+    ``closed:860000000000001:2:0000000012:timeout``."""
+    return f"closed:{imei}:{slot}:{bank}:{outcome}"
 
 
 def slots_data(slots: tuple[SlotStatus, ...]) -> list[dict[str, Any]]:
@@ -175,9 +195,12 @@ class Cabinet:
 class CabinetRegistry:
     """The cabinets of one plugin instance and their flows (see the module docstring).
 
-    ``emit(type, imei, data, raw)`` records events and returns their durability Deferred;
-    ``record`` (default: ``emit``) records those nothing waits for (``PluginContext.record``).
-    ``is_allowed(imei)`` and ``accepts_bank(bank)`` are the ``allow_imei`` and ``banks`` policies.
+    ``emit(type, imei, data, raw, key=..., window=...)`` records events and returns their
+    durability Deferred; ``record`` (default: ``emit``) records those nothing waits for
+    (``PluginContext.record``). ``seen(key)`` tells whether an event with that key is durable
+    (this run or one before) and ``forget(key)`` lets a new operation reuse a key
+    (``PluginContext.seen`` / ``forget``; by default nothing is seen). ``is_allowed(imei)`` and
+    ``accepts_bank(bank)`` are the ``allow_imei`` and ``banks`` policies.
     """
 
     def __init__(
@@ -189,10 +212,14 @@ class CabinetRegistry:
         is_allowed: Callable[[str], bool] = lambda imei: True,
         accepts_bank: Callable[[str], bool] = lambda bank: True,
         record: Callable[..., Any] | None = None,
+        seen: Callable[[str], bool] = lambda key: False,
+        forget: Callable[[str], None] = lambda key: None,
     ) -> None:
         self.clock = clock
         self.emit = emit
         self.record = record or emit
+        self.seen = seen
+        self.forget = forget
         self.settings = settings or FlowSettings()
         self.is_allowed = is_allowed
         self.accepts_bank = accepts_bank
@@ -385,6 +412,23 @@ class CabinetRegistry:
 
         return durable.addCallbacks(stored, not_stored)
 
+    def _keyed(self, key: str) -> dict[str, Any]:
+        """``emit`` / ``record`` arguments that store an event once per ``duplicate_window``
+        (none when the window is 0: no duplicate detection then)."""
+        window = self.settings.duplicate_window
+        return {"key": key, "window": window} if window > 0 else {}
+
+    def _already_durable(
+        self, cabinet: Cabinet, packet: LendResult | ReturnResult, key: str
+    ) -> bool:
+        """A result resent after a restart whose event is durable already: answered at once,
+        True. (A repeat not known here yet is still stored once: its emit carries the key.)"""
+        if self.settings.duplicate_window <= 0 or not self.seen(key):
+            return False
+        self.duplicates += 1
+        self._remember(cabinet, packet, packet.ack(), None)
+        return True
+
     def _forget(self, cabinet: Cabinet, kind: type[Packet], bank: str) -> None:
         """Drop remembered answers of ``kind`` for ``bank``: a new operation on it begins."""
         for key in [k for k in cabinet.replies if type(k) is kind and k.bank == bank]:  # type: ignore[attr-defined]
@@ -454,6 +498,10 @@ class CabinetRegistry:
             )
         self._forget(cabinet, LendResult, bank)
         cabinet.closed_lends.pop((slot, bank), None)
+        for ok in (True, False):  # the results and closings of an earlier lend of it
+            self.forget(result_key(LendResult(imei, slot, bank, ok)))
+        for outcome in ("timeout", "reconciled"):
+            self.forget(closed_key(imei, slot, bank, outcome))
         lend = cabinet.lend = PendingLend(slot, bank, self.clock.seconds())
         self._send(cabinet, LendRequest(imei, slot, bank))
         lend.timer = self.clock.callLater(
@@ -487,7 +535,13 @@ class CabinetRegistry:
         cabinet.lend = None
         self._close_lend(cabinet, lend, "reconciled")
         data = {"slot": lend.slot, "bank": lend.bank, "via": "status"}
-        durable = self.emit("lend.reconciled", cabinet.imei, data, None)
+        durable = self.emit(
+            "lend.reconciled",
+            cabinet.imei,
+            data,
+            None,
+            **self._keyed(closed_key(cabinet.imei, lend.slot, lend.bank, "reconciled")),
+        )
         result = {"outcome": "reconciled", "slot": lend.slot, "bank": lend.bank, "via": "status"}
         not_stored = Failure(EventStoreFailed("the lend.reconciled event could not be stored"))
         durable.addCallbacks(
@@ -505,7 +559,8 @@ class CabinetRegistry:
         self._close_lend(cabinet, lend, "timeout")
         waited = self.clock.seconds() - lend.started
         data = {"slot": lend.slot, "bank": lend.bank, "bank_in_slot": in_slot, "why": why}
-        self.record("lend.timeout", cabinet.imei, data, None)
+        key = closed_key(cabinet.imei, lend.slot, lend.bank, "timeout")
+        self.record("lend.timeout", cabinet.imei, data, None, **self._keyed(key))
         explain = {
             "bank_in_slot": "and its status still shows the bank in the slot",
             "no_status": "nor to the status query after it",
@@ -518,12 +573,15 @@ class CabinetRegistry:
         _settle(lend.result, Failure(DeviceTimeout(message)))
 
     def _close_lend(self, cabinet: Cabinet, lend: PendingLend, outcome: str) -> None:
+        self._note_closed(cabinet, (lend.slot, lend.bank), outcome)
+        self._cancel(lend.timer)
+        lend.timer = None
+
+    def _note_closed(self, cabinet: Cabinet, key: tuple[int, str], outcome: str) -> None:
         now = self.clock.seconds()
         closed = cabinet.closed_lends  # a late result comes within the window or not at all
         _make_room(closed, now, lambda entry: entry[1])
-        closed[(lend.slot, lend.bank)] = (outcome, now + self.settings.duplicate_window)
-        self._cancel(lend.timer)
-        lend.timer = None
+        closed[key] = (outcome, now + self.settings.duplicate_window)
 
     def _lend_result(self, cabinet: Cabinet, packet: LendResult, raw: str | None) -> None:
         """MC(BO) / MR(BF): settle the pending lend or reconcile a closed one; then AM / AR."""
@@ -531,9 +589,14 @@ class CabinetRegistry:
             return
         key = (packet.slot, packet.bank)
         lend = cabinet.lend
+        event_key = result_key(packet)
+        if lend is not None and (lend.slot, lend.bank) != key:
+            lend = None  # not the result of the lend in progress
+        if lend is None and self._already_durable(cabinet, packet, event_key):
+            return  # resent after a restart (a lend in progress forgot the key: never then)
         data: dict[str, Any] = {"slot": packet.slot, "bank": packet.bank}
         result: dict[str, Any] | None = None
-        if lend is not None and (lend.slot, lend.bank) == key:
+        if lend is not None:
             cabinet.lend = None
             self._cancel(lend.timer)
             if not packet.ok:
@@ -547,15 +610,16 @@ class CabinetRegistry:
                 data["via"] = "late_result"
                 result = {"outcome": "reconciled", **data}
                 self._close_lend(cabinet, lend, "reconciled")
+                event_key = closed_key(cabinet.imei, packet.slot, packet.bank, "reconciled")
         else:
-            lend = None
             closed = self._closed_lend(cabinet, key)
             if closed == "timeout":  # the result of a lend that timed out: reconcile it once
                 if packet.ok:
                     event_type, data["via"] = "lend.reconciled", "late_result"
+                    event_key = closed_key(cabinet.imei, packet.slot, packet.bank, "reconciled")
                 else:
                     event_type, data["late"] = "lend.failed", True
-                cabinet.closed_lends[key] = ("reconciled", cabinet.closed_lends[key][1])
+                self._note_closed(cabinet, key, "reconciled")
             elif closed == "reconciled":
                 event_type = None  # already recorded: acknowledge only
             else:  # not asked by this daemon run (e.g. before a restart): record it anyway
@@ -563,7 +627,9 @@ class CabinetRegistry:
                 data["requested"] = False
         if packet.ok:
             cabinet.inventory[packet.slot] = {"slot": packet.slot, "state": "empty", "bank": None}
-        durable = self.emit(event_type, cabinet.imei, data, raw) if event_type else None
+        durable = None
+        if event_type is not None:
+            durable = self.emit(event_type, cabinet.imei, data, raw, **self._keyed(event_key))
         answered = self._remember(cabinet, packet, packet.ack(), durable)
         if lend is not None:
             answered.addCallback(lambda ok: self._settle_lend(lend, packet, result, ok))
@@ -581,13 +647,20 @@ class CabinetRegistry:
             _settle(lend.result, Failure(DeviceRefused(message, code="lend_failed")))
 
     def _closed_lend(self, cabinet: Cabinet, key: tuple[int, str]) -> str | None:
+        """How the lend of ``key`` (slot, bank) closed without its result within the window:
+        ``timeout``, ``reconciled`` or None. This run's record first, else the durable keys of
+        the closing events (a lend that closed before a restart); reconciled wins."""
         closed = cabinet.closed_lends.get(key)
-        if closed is None:
-            return None
-        if closed[1] <= self.clock.seconds():
+        if closed is not None:
+            if closed[1] > self.clock.seconds():
+                return closed[0]
             del cabinet.closed_lends[key]
+        if self.settings.duplicate_window <= 0:
             return None
-        return closed[0]
+        for outcome in ("reconciled", "timeout"):
+            if self.seen(closed_key(cabinet.imei, *key, outcome)):
+                return outcome
+        return None
 
     # --- return -----------------------------------------------------------------------------
 
@@ -601,6 +674,8 @@ class CabinetRegistry:
         ):
             return
         self._forget(cabinet, ReturnResult, packet.bank)  # a new return of this bank begins
+        for ok in (True, False):
+            self.forget(result_key(ReturnResult(cabinet.imei, packet.slot, packet.bank, ok)))
         if not accepted:
             data = {"slot": packet.slot, "bank": packet.bank}
             self.record("return.rejected", cabinet.imei, data, raw)
@@ -609,6 +684,9 @@ class CabinetRegistry:
     def _return_result(self, cabinet: Cabinet, packet: ReturnResult, raw: str | None) -> None:
         """MC(RO) / MR(RF): ``return.succeeded`` / ``return.failed``; AM / AR once durable."""
         if self._duplicate(cabinet, packet):
+            return
+        key = result_key(packet)
+        if self._already_durable(cabinet, packet, key):  # resent after a restart
             return
         self._forget(cabinet, ReturnQuery, packet.bank)  # this return is over
         data = {"slot": packet.slot, "bank": packet.bank}
@@ -619,7 +697,7 @@ class CabinetRegistry:
                 "bank": packet.bank,
             }
         event_type = "return.succeeded" if packet.ok else "return.failed"
-        durable = self.emit(event_type, cabinet.imei, data, raw)
+        durable = self.emit(event_type, cabinet.imei, data, raw, **self._keyed(key))
         self._remember(cabinet, packet, packet.ack(), durable)
 
     # --- command.result ---------------------------------------------------------------------

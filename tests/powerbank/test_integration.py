@@ -3,7 +3,8 @@
 * The simulator against the plugin in this process (``PluginHarness``, real sockets).
 * ``python -m gatewayd run`` as a child with a real ``sqlite`` sink and the control API: every
   flow through ``POST /api/v1/plugins/cabinets/commands/...`` played by a raw blocking cabinet,
-  and a ``kill -9`` in the middle of a lend that loses nothing the cabinet had acknowledged.
+  a ``kill -9`` in the middle of a lend that loses nothing the cabinet had acknowledged, and
+  results resent after ``kill -9`` that are answered but not recorded twice.
 """
 
 from __future__ import annotations
@@ -458,3 +459,93 @@ def test_kill_9_during_a_lend_loses_nothing_the_cabinet_saw_acknowledged(tmp_pat
     finally:
         stop_daemon(proc)
         pool.shutdown(wait=False)
+
+
+@pytest.mark.integration
+def test_results_resent_after_kill_9_are_answered_not_recorded_again(tmp_path):
+    """Issue 12 item 6: the cabinet resends every MC it has no AM for; after a ``kill -9`` of
+    the daemon that must not become a second lend or return (a return billed twice)."""
+    device_port, api_port = free_port(), free_port()
+    config = write_config(tmp_path, device_port, api_port)
+    db = tmp_path / "events.db"
+    lent = pb.LendResult(IMEI, 1, "B1", True)  # the result of a lend of this run
+    returned = pb.ReturnResult(IMEI, 2, "B2", True)
+    late = pb.LendResult(IMEI, 3, "B3", True)  # the result of a lend that timed out
+    resent = [lent, returned, late]
+
+    def has(type_: str, bank: str) -> bool:
+        return db.exists() and any(t == type_ and d.get("bank") == bank for t, _, d in rows(db))
+
+    def kill_9(proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    pool = ThreadPoolExecutor(2)
+    procs: list[subprocess.Popen] = []
+    try:
+        # Run 1: a lend, a return and a lend that times out; the cabinet reads none of the AMs
+        # (as if they were lost), the daemon is killed once the events are in the sink.
+        procs.append(proc := start_daemon(config))
+        wait_for_port(device_port, timeout=15)
+        wait_for_port(api_port, timeout=15)
+        cab = RawCabinet(device_port)
+        cab.send(pb.Heartbeat(IMEI))
+        time.sleep(0.2)
+        call = pool.submit(post, api_port, "lend", {"imei": IMEI, "slot": 1, "bank": "B1"})
+        cab.expect(pb.LendRequest(IMEI, 1, "B1"))
+        cab.send(lent)
+        assert call.result(20) == (
+            200,
+            {"ok": True, "result": {"outcome": "succeeded", "slot": 1, "bank": "B1"}},
+        )
+        cab.expect(lent.ack())
+        cab.send(pb.ReturnQuery(IMEI, 2, "B2"))
+        cab.expect(pb.ReturnQueryAnswer(IMEI, 2, "B2", True))
+        cab.send(returned)  # its AM is left unread
+        call = pool.submit(post, api_port, "lend", {"imei": IMEI, "slot": 3, "bank": "B3"})
+        status, body = call.result(20)  # no MC, no AQ: 504 and lend.timeout
+        assert (status, body["error"]["code"]) == (504, "timeout")
+        assert wait_for(lambda: has("return.succeeded", "B2") and has("lend.timeout", "B3")), (
+            "run 1's events did not reach the sink"
+        )
+        kill_9(proc)
+        cab.close()
+
+        # Run 2: the cabinet resends the three results; each is answered once.
+        procs.append(proc := start_daemon(config))
+        wait_for_port(device_port, timeout=15)
+        cab = RawCabinet(device_port)
+        cab.send(b"".join(CODEC.build(p) for p in resent))
+        assert {cab.read() for _ in resent} == {p.ack() for p in resent}
+        assert wait_for(lambda: has("lend.reconciled", "B3")), "the late MC was not reconciled"
+        kill_9(proc)
+        cab.close()
+
+        # Run 3: once more, the same three; then a clean stop after the connection's offline
+        # event, which comes after anything the resends could have recorded.
+        procs.append(proc := start_daemon(config))
+        wait_for_port(device_port, timeout=15)
+        cab = RawCabinet(device_port)
+        cab.send(b"".join(CODEC.build(p) for p in resent))
+        assert {cab.read() for _ in resent} == {p.ack() for p in resent}
+        cab.close()
+        assert wait_for(lambda: any(t == "device.offline" for t, _, _ in rows(db)))
+        stop_daemon(proc)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        pool.shutdown(wait=False)
+
+    flow = [
+        (t, d.get("slot"), d.get("bank"), d.get("requested", d.get("via")))
+        for t, _, d in rows(db)
+        if t.startswith(("lend.", "return."))
+    ]
+    assert flow == [
+        ("lend.succeeded", 1, "B1", True),
+        ("return.succeeded", 2, "B2", None),
+        ("lend.timeout", 3, "B3", None),
+        ("lend.reconciled", 3, "B3", "late_result"),
+    ]

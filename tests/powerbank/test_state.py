@@ -1,7 +1,8 @@
 """The cabinet flows of plugins/powerbank/state.py, driven by a Clock and a fake connection.
 
 Events go to an ``EventCollector(durable="manual")``: a test decides when an event becomes
-durable and checks that AM / AR never leave before that.
+durable and checks that AM / AR never leave before that. The collector also keeps the
+idempotency keys as the queue files do, so ``Flows.restart()`` plays the daemon after a crash.
 """
 
 from __future__ import annotations
@@ -51,20 +52,56 @@ class FakeConnection:
 
 
 class Flows:
-    """A registry on a Clock with manual durability, plus helpers to play a cabinet."""
+    """A registry on a Clock with manual durability, plus helpers to play a cabinet.
 
-    def __init__(self, durable: str = "manual", **settings) -> None:
+    Keyed events go to the collector as the queues take them: stored once while the key is
+    kept, for its window on the Clock (the collector alone keeps keys for ever). ``restart()``
+    is a new registry (a new process) on the same durable keys.
+    """
+
+    def __init__(
+        self, durable: str = "manual", *, keys: dict[str, float] | None = None, **settings
+    ) -> None:
         self.clock = Clock()
         self.collector = EventCollector(durable=durable)
+        #: key -> expiry on the Clock: what the queue files hold, shared across restarts
+        self.expires: dict[str, float] = {} if keys is None else keys
+        self.collector.keys = {k for k, t in self.expires.items() if t > self.clock.seconds()}
         self.banks: set[str] | None = settings.pop("banks", None)
         self.allowed: set[str] | None = settings.pop("allowed", None)
+        self.settings = settings
         self.registry = CabinetRegistry(
             self.clock,
-            lambda t, device, data, raw: self.collector(Event(t, device, data, raw)),
+            self.emit,
             FlowSettings(**settings),
             is_allowed=lambda imei: self.allowed is None or imei in self.allowed,
             accepts_bank=lambda bank: self.banks is None or bank in self.banks,
+            seen=self.seen,
+            forget=self.forget,
         )
+
+    def emit(self, type_, device, data, raw, *, key=None, window=600.0) -> defer.Deferred:
+        if key is not None:
+            now = self.clock.seconds()
+            if self.expires.get(key, now) <= now:
+                self.collector.keys.discard(key)
+            if key not in self.collector.keys:
+                self.expires[key] = now + window
+        event = Event(type_, device, data, raw, key=None if key is None else (key, window))
+        return self.collector(event)
+
+    def seen(self, key: str) -> bool:
+        return self.collector.seen(key) and self.expires[key] > self.clock.seconds()
+
+    def forget(self, key: str) -> None:
+        self.collector.forget(key)
+        self.expires.pop(key, None)
+
+    def restart(self, durable: str = "manual", **settings) -> Flows:
+        """The daemon after a crash: nothing in memory, the durable keys kept."""
+        flows = Flows(durable, keys=self.expires, **{**self.settings, **settings})
+        flows.clock.advance(self.clock.seconds())
+        return flows
 
     def connect(self, imei: str = IMEI, address: str = "10.0.0.1:4000") -> FakeConnection:
         conn = FakeConnection(address)
@@ -524,3 +561,250 @@ def test_stop_fails_waiting_commands_and_cancels_timers():
     flows.registry.stop()
     assert lend[0].check(DeviceTimeout) and query[0].check(DeviceTimeout)
     assert flows.clock.getDelayedCalls() == []
+
+
+# --- resends after a restart (durable idempotency keys) ----------------------------------------
+
+
+def test_result_events_carry_the_frame_key_and_nothing_else_does():
+    flows = Flows(durable="now", emit_heartbeats=True, lend_timeout=20, query_timeout=10)
+    conn = flows.connect()
+    flows.receive(conn, Heartbeat(IMEI))
+    flows.receive(conn, status(SlotStatus(1, SlotState.FAULT)))
+    results(flows.registry.lend(IMEI, 2, BANK))
+    flows.receive(conn, LendResult(IMEI, 2, BANK, True))
+    flows.receive(conn, ReturnQuery(IMEI, 3, BANK))
+    flows.receive(conn, ReturnResult(IMEI, 3, BANK, False))
+    results(flows.registry.lend(IMEI, 1, "B1"))
+    flows.clock.pump([20, 10])
+    keys = {e.type: e.key for e in flows.collector.events if e.key is not None}
+    assert keys == {
+        "lend.succeeded": (f"result:{IMEI}:MC:BO:2:{BANK}", 600.0),
+        "return.failed": (f"result:{IMEI}:MR:RF:3:{BANK}", 600.0),
+        "lend.timeout": (f"closed:{IMEI}:1:B1:timeout", 600.0),
+    }
+    unkeyed = {e.type for e in flows.collector.events if e.key is None}
+    assert unkeyed == {
+        "device.online",
+        "heartbeat",
+        "slots.status",
+        "alarm.slot_fault",
+        "command.result",
+    }
+
+
+def test_no_keys_when_the_duplicate_window_is_0():
+    flows = Flows(durable="now", duplicate_window=0)
+    conn = flows.connect()
+    flows.receive(conn, ReturnResult(IMEI, 1, BANK, True))
+    flows.receive(conn, ReturnResult(IMEI, 1, BANK, True))
+    assert [e.key for e in flows.collector.of_type("return.*")] == [None, None]
+
+
+def test_return_result_resent_after_a_restart_is_answered_not_recorded_again():
+    flows = Flows()
+    conn = flows.connect()
+    flows.receive(conn, ReturnQuery(IMEI, 3, BANK))
+    result = ReturnResult(IMEI, 3, BANK, True)
+    flows.receive(conn, result)
+    flows.release()  # durable; the process dies before the cabinet reads the AM
+    assert flows.data("return.succeeded") == [{"slot": 3, "bank": BANK}]
+
+    again = flows.restart()
+    conn = again.connect()
+    again.receive(conn, result)
+    assert conn.sent == [result.ack()]  # at once: its event is durable
+    again.receive(conn, result)
+    assert conn.sent == [result.ack()] * 2
+    assert again.types() == ["device.online"]
+    assert again.registry.duplicates == 2
+
+
+def test_a_repeat_not_known_yet_is_still_stored_once_and_answered_when_durable():
+    """Should ``seen`` not know the key yet, the key on the emit still stores it once."""
+    flows = Flows()
+    conn = flows.connect()
+    result = ReturnResult(IMEI, 3, BANK, True)
+    flows.receive(conn, result)
+    flows.release()
+    again = flows.restart()
+    again.registry.seen = lambda key: False
+    conn = again.connect()
+    again.receive(conn, result)
+    assert again.collector.events[-1].type == "device.online"
+    assert [e.type for e in again.collector.deduplicated] == ["return.succeeded"]
+    assert conn.sent == [result.ack()]
+
+
+def test_lend_result_resent_after_a_restart_is_answered_not_recorded_again():
+    flows = Flows()
+    conn = flows.connect()
+    outcome = results(flows.registry.lend(IMEI, 2, BANK))
+    mc = LendResult(IMEI, 2, BANK, True)
+    flows.receive(conn, mc)  # the lend was pending; its event becomes durable, then the crash
+    flows.release()
+    assert outcome == [{"outcome": "succeeded", "slot": 2, "bank": BANK}]
+
+    again = flows.restart()
+    conn = again.connect()
+    again.receive(conn, mc)
+    assert conn.sent == [mc.ack()]
+    assert again.types() == ["device.online"]  # no lend.succeeded with requested: false
+    # The same for a refused lend.
+    again.registry.cabinets[IMEI].lend = None
+    outcome = results(again.registry.lend(IMEI, 1, "B1"))
+    mr = LendResult(IMEI, 1, "B1", False)
+    again.receive(conn, mr)
+    again.release()
+    assert outcome[0].check(DeviceRefused)
+    third = again.restart()
+    conn = third.connect()
+    third.receive(conn, mr)
+    assert conn.sent == [mr.ack()]
+    assert third.types() == ["device.online"]
+
+
+def test_late_result_of_a_lend_that_timed_out_before_a_restart_is_reconciled_once():
+    flows = Flows(durable="now", lend_timeout=20, query_timeout=10)
+    flows.connect()
+    outcome = results(flows.registry.lend(IMEI, 1, BANK))
+    flows.clock.pump([20, 10])  # no MC, no AQ: lend.timeout
+    assert outcome[0].check(DeviceTimeout)
+    assert flows.types()[-2:] == ["lend.timeout", "command.result"]
+
+    again = flows.restart()
+    conn = again.connect()
+    mc = LendResult(IMEI, 1, BANK, True)
+    again.receive(conn, mc)
+    assert again.data("lend.reconciled") == [{"slot": 1, "bank": BANK, "via": "late_result"}]
+    assert "lend.succeeded" not in again.types()
+    assert conn.sent == []  # AM once durable
+    again.release()
+    assert conn.sent == [mc.ack()]
+    again.receive(conn, mc)  # its resend in this run
+    assert conn.sent == [mc.ack()] * 2
+
+    third = again.restart()  # and after another restart: answered, nothing new
+    conn = third.connect()
+    third.receive(conn, mc)
+    assert conn.sent == [mc.ack()]
+    assert third.types() == ["device.online"]
+
+
+def test_late_mr_of_a_lend_that_timed_out_before_a_restart_is_recorded_once():
+    flows = Flows(durable="now", lend_timeout=20, query_timeout=10)
+    flows.connect()
+    results(flows.registry.lend(IMEI, 1, BANK))
+    flows.clock.pump([20, 10])
+    again = flows.restart(durable="now")
+    conn = again.connect()
+    mr = LendResult(IMEI, 1, BANK, False)
+    again.receive(conn, mr)
+    assert again.data("lend.failed") == [{"slot": 1, "bank": BANK, "late": True}]
+    third = again.restart(durable="now")
+    conn = third.connect()
+    third.receive(conn, mr)
+    assert conn.sent == [mr.ack()]
+    assert third.types() == ["device.online"]
+
+
+def test_late_result_after_a_lend_reconciled_before_a_restart_is_only_answered():
+    flows = Flows(durable="now", lend_timeout=20, query_timeout=10)
+    conn = flows.connect()
+    results(flows.registry.lend(IMEI, 2, BANK))
+    flows.clock.advance(20)
+    flows.receive(conn, status(SlotStatus(1, SlotState.FULL, "B1")))  # the bank left: reconciled
+    results(flows.registry.lend(IMEI, 3, "B3"))
+    flows.clock.advance(20)
+    flows.receive(conn, LendResult(IMEI, 3, "B3", True))  # an MC while reconciling
+    assert [d["via"] for d in flows.data("lend.reconciled")] == ["status", "late_result"]
+    keys = [e.key[0] for e in flows.collector.of_type("lend.reconciled")]
+    assert keys == [f"closed:{IMEI}:2:{BANK}:reconciled", f"closed:{IMEI}:3:B3:reconciled"]
+
+    again = flows.restart(durable="now")
+    conn = again.connect()
+    for mc in (LendResult(IMEI, 2, BANK, True), LendResult(IMEI, 3, "B3", True)):
+        again.receive(conn, mc)
+        assert conn.sent[-1] == mc.ack()
+    assert again.types() == ["device.online"]
+
+
+def test_a_new_return_of_the_same_bank_to_the_same_slot_after_a_restart_is_recorded():
+    flows = Flows(durable="now")
+    conn = flows.connect()
+    flows.receive(conn, ReturnQuery(IMEI, 1, BANK))
+    result = ReturnResult(IMEI, 1, BANK, True)
+    flows.receive(conn, result)
+
+    again = flows.restart(durable="now")
+    conn = again.connect()
+    again.receive(conn, result)  # the resend: answered only
+    assert again.types() == ["device.online"]
+    outcome = results(again.registry.lend(IMEI, 1, BANK))  # lent again ...
+    again.receive(conn, LendResult(IMEI, 1, BANK, True))
+    assert outcome[0]["outcome"] == "succeeded"
+    again.receive(conn, ReturnQuery(IMEI, 1, BANK))  # ... and returned to the same slot
+    again.receive(conn, result)
+    assert again.data("return.succeeded") == [{"slot": 1, "bank": BANK}]
+    assert conn.sent[-1] == result.ack()
+
+    third = again.restart(durable="now")  # a third return, after one more restart
+    conn = third.connect()
+    results(third.registry.lend(IMEI, 1, BANK))
+    third.receive(conn, LendResult(IMEI, 1, BANK, True))
+    third.receive(conn, ReturnQuery(IMEI, 1, BANK))
+    third.receive(conn, result)
+    assert third.data("lend.succeeded") == [{"slot": 1, "bank": BANK, "requested": True}]
+    assert third.data("return.succeeded") == [{"slot": 1, "bank": BANK}]
+
+
+def test_a_new_lend_forgets_how_the_last_lend_of_that_bank_closed():
+    flows = Flows(durable="now", lend_timeout=20, query_timeout=10)
+    flows.connect()
+    results(flows.registry.lend(IMEI, 1, BANK))
+    flows.clock.pump([20, 10])  # lend.timeout, durable
+    again = flows.restart(durable="now")
+    conn = again.connect()
+    outcome = results(again.registry.lend(IMEI, 1, BANK))  # tried again, and it works now
+    again.receive(conn, LendResult(IMEI, 1, BANK, True))
+    assert outcome == [{"outcome": "succeeded", "slot": 1, "bank": BANK}]
+    assert again.data("lend.succeeded") == [{"slot": 1, "bank": BANK, "requested": True}]
+    # Returned, lent once more, and this time it times out: recorded again, and reconciled.
+    again.receive(conn, ReturnQuery(IMEI, 1, BANK))
+    again.receive(conn, ReturnResult(IMEI, 1, BANK, True))
+    results(again.registry.lend(IMEI, 1, BANK))
+    again.clock.pump([20, 10])
+    assert len(again.data("lend.timeout")) == 1
+    third = again.restart(durable="now")
+    conn = third.connect()
+    third.receive(conn, LendResult(IMEI, 1, BANK, True))
+    assert third.data("lend.reconciled") == [{"slot": 1, "bank": BANK, "via": "late_result"}]
+
+
+def test_the_plugin_hands_its_registry_the_durable_keys_of_its_context():
+    """Through ``PowerbankPlugin`` and ``PluginHarness``: keys scoped by the instance name,
+    a second harness on the same keys is the daemon after a restart."""
+    from gatewayd.plugins.powerbank import PowerbankPlugin
+
+    from gatewayd.testing import PluginHarness
+
+    def plugin(keys: set[str] | None = None):
+        harness = PluginHarness(PowerbankPlugin, {}, reactor=Clock(), name="cabinets")
+        if keys is not None:
+            harness.collector.keys = keys
+        return harness
+
+    first = plugin()
+    conn = FakeConnection()
+    first.plugin.registry.packet_received(conn, ReturnQuery(IMEI, 2, BANK), "MQ")
+    result = ReturnResult(IMEI, 2, BANK, True)
+    first.plugin.registry.packet_received(conn, result, "MC")
+    assert first.collector.keys == {f"cabinets:result:{IMEI}:MC:RO:2:{BANK}"}
+
+    second = plugin(first.collector.keys)
+    conn = FakeConnection()
+    second.plugin.registry.packet_received(conn, result, "MC")
+    assert conn.sent == [result.ack()]
+    assert [e.type for e in second.collector.events] == ["device.online"]
+    second.plugin.registry.packet_received(conn, ReturnQuery(IMEI, 2, BANK), "MQ")  # forgets
+    assert second.collector.keys == set()
