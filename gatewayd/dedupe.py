@@ -11,6 +11,7 @@ plugin keeps its record of closed lends this way.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 __all__ = ["KeyMemory"]
 
@@ -22,6 +23,10 @@ class KeyMemory:
         self._clock = clock
         self._limit = limit
         self._expires: dict[str, float] = {}
+        self._stamp = 0
+        #: Stamp of each key's last forget: a commit of a put made before it must not bring the
+        #: key back (the commit reaches the reactor after the forget was called).
+        self._forgotten: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self._expires)
@@ -31,10 +36,18 @@ class KeyMemory:
         expires = self._expires.get(key)
         return expires is not None and expires > self._clock()
 
-    def add_many(self, keys: Iterable[tuple[str, float]]) -> None:
-        """Note keys committed by a queue (``(key, expires)``)."""
+    def stamp(self) -> int:
+        """A number that orders puts and forgets: a keyed put carries the one current at emit."""
+        self._stamp += 1
+        return self._stamp
+
+    def add_many(self, keys: Iterable[tuple[Any, ...]]) -> None:
+        """Note keys committed by a queue: ``(key, expires)`` or ``(key, expires, stamp)``."""
         expires = self._expires
-        for key, until in keys:
+        forgotten = self._forgotten
+        for key, until, *stamp in keys:
+            if stamp and stamp[0] is not None and forgotten.get(key, -1) > stamp[0]:
+                continue  # put before a forget that has already been called
             if until > expires.get(key, 0.0):
                 expires.pop(key, None)  # re-insert: the dict stays in order of noting
                 expires[key] = until
@@ -42,8 +55,10 @@ class KeyMemory:
             self._trim()
 
     def forget(self, key: str) -> None:
-        expires = self._expires
-        expires.pop(key, None)
+        self._expires.pop(key, None)
+        if len(self._forgotten) >= self._limit:
+            self._forgotten.clear()  # rare: only a put older than every stamp now could be wrong
+        self._forgotten[key] = self.stamp()
 
     def _trim(self) -> None:
         now = self._clock()

@@ -123,9 +123,9 @@ class Event:
     gateway: str = ""
     plugin: str = ""
     protocol: str = ""
-    #: ``(idempotency key, seconds)``: the queues store this event once while they keep the key
-    #: (``PluginContext.emit(key=...)``). Not part of the envelope.
-    key: tuple[str, float] | None = field(default=None, repr=False, compare=False)
+    #: ``(idempotency key, seconds[, stamp])``: the queues store this event once while they keep
+    #: the key (``PluginContext.emit(key=...)``). Not part of the envelope.
+    key: tuple[Any, ...] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in FIELDS}

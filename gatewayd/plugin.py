@@ -293,7 +293,7 @@ class PluginContext:
             gateway=self.gateway_id,
             plugin=self.name,
             protocol=self.protocol,
-            key=(f"{self.name}:{key}", window) if key is not None else None,
+            key=self._key(key, window) if key is not None else None,
         )
         if type == "frame.invalid":
             self.metrics.frames_invalid += 1
@@ -316,6 +316,12 @@ class PluginContext:
         ``window`` as for ``emit``.
         """
         self.emit(type, device, data, raw, key=key, window=window).addErrback(self.note_not_stored)
+
+    def _key(self, key: str, window: float) -> tuple[Any, ...]:
+        """The event's key: scoped to this instance, stamped so a later forget wins."""
+        stamp = getattr(self._keys, "stamp", None)
+        scoped = f"{self.name}:{key}"
+        return (scoped, window) if stamp is None else (scoped, window, stamp())
 
     def seen(self, key: str) -> bool:
         """True if an event emitted with ``key`` is durable (in this run or one before it,

@@ -161,7 +161,7 @@ def test_plugin_keys_are_scoped_per_instance() -> None:
     )
     context.emit("return.succeeded", "cab", {}, key="RO:1:B1", window=42.0)
     context.emit("heartbeat", "cab")
-    assert emitted[0].key == ("cabinets:RO:1:B1", 42.0) and emitted[1].key is None
+    assert emitted[0].key[:2] == ("cabinets:RO:1:B1", 42.0) and emitted[1].key is None
     assert "key" not in emitted[0].to_dict()  # never part of the envelope
     memory.add_many([("cabinets:RO:1:B1", 10.0)])
     assert context.seen("RO:1:B1") and not memory.seen("RO:1:B1")
@@ -218,5 +218,45 @@ async def test_a_keyed_put_a_full_queue_refused_is_refused_again_not_deduplicate
             store._cond.notify()
         assert (await first) is not None and (await again) is not None  # both Refused
         assert queue.deduplicated == 0 and not store.seen("k")
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forget_after_a_put_not_yet_committed_wins(tmp_path: Path) -> None:
+    """A put of a key, then a forget of it, both before the writer takes them (a slow disk):
+    the key must stay forgotten, on disk and in memory, and the next event with it is stored."""
+    store = await started(tmp_path)
+    try:
+        queue = await opened(store)
+        first: defer.Deferred = defer.Deferred()
+        with store._cond:  # hold the writer: the put and the forget go in one round
+            queue._puts.append(("return 1", first, ("K", 600, store._keys.stamp())))
+            store._keys.forget("K")
+            queue._puts.append((None, None, "K"))
+            store._has_work = True
+            store._cond.notify()
+        await first
+        await queue.put("ping")  # a later round: its results arrive after the first's
+        assert not store.seen("K")
+        await queue.put("return 2", key=("K", 600, store._keys.stamp()))
+        assert payloads(tmp_path / "q.db") == ["return 1", "ping", "return 2"]
+        assert queue.deduplicated == 0 and store.seen("K")
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_commit_reaching_the_reactor_after_a_forget_does_not_bring_the_key_back(
+    tmp_path: Path,
+) -> None:
+    store = await started(tmp_path)
+    try:
+        queue = await opened(store)
+        stamp = store._keys.stamp()
+        put = queue.put("return 1", key=("K", 600, stamp))
+        store._keys.forget("K")  # called on the reactor before the commit's results arrive
+        await put
+        assert not store.seen("K")
     finally:
         await store.stop()

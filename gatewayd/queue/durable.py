@@ -88,7 +88,6 @@ class DurableQueue(QueueFile):
         self._listeners: list[Callable[[], None]] = []
         # Guarded by store._cond: work handed from the reactor to the writer thread.
         self._puts: list[tuple[str, Any, tuple[str, float] | None]] = []
-        self._forgets: list[str] = []
         self._commands: list[tuple[Any, ...]] = [("open",)]
         # Writer-thread state.
         self._conn: sqlite3.Connection | None = None
@@ -112,7 +111,7 @@ class DurableQueue(QueueFile):
 
     # --- reactor-thread API ---------------------------------------------------------------
 
-    def put(self, payload: str, key: tuple[str, float] | None = None) -> defer.Deferred:
+    def put(self, payload: str, key: tuple[Any, ...] | None = None) -> defer.Deferred:
         """Store ``payload``; fires with None once committed, or with ``Refused`` if the queue is
         full under ``drop_newest``. Errbacks with QueueClosed after ``stop()``, QueueError on a
         disk error, UnicodeEncodeError for text that is not valid Unicode.
@@ -125,7 +124,7 @@ class DurableQueue(QueueFile):
         self.put_waiting(payload, d, key)
         return d
 
-    def put_waiting(self, payload: str, waiter: Any, key: tuple[str, float] | None = None) -> None:
+    def put_waiting(self, payload: str, waiter: Any, key: tuple[Any, ...] | None = None) -> None:
         """Like ``put`` but reports to ``waiter`` (anything with ``callback``/``errback``).
 
         The pipeline uses it to fire one Deferred per event for several queues without building

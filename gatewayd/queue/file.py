@@ -63,6 +63,11 @@ def _utf8_size(payload: str) -> int:
     return len(payload) if payload.isascii() else len(payload.encode("utf-8"))
 
 
+def _waiters(puts: list[tuple[Any, Any, Any]]) -> list[Any]:
+    """The waiters of ``puts``, leaving out the forgets that travel among them."""
+    return [waiter for payload, waiter, _ in puts if payload is not None]
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     """Roll back the open transaction, if any, after a failed statement."""
     if conn.in_transaction:
@@ -141,7 +146,6 @@ class QueueFile:
         self,
         puts: list[tuple[str, Any, Any]],
         commands: list[tuple[Any, ...]],
-        forgets: list[str],
         fire: list,
     ) -> None:
         """Commit ``puts`` and run ``commands`` in one transaction; queue the results in ``fire``.
@@ -160,14 +164,17 @@ class QueueFile:
         if self._conn is None:
             error = self._open_error or QueueClosed(f"queue {self.name} is closed")
             fire.append(
-                (self._fail, [(w, error) for _, w, _ in puts] + [(c[-1], error) for c in commands])
+                (
+                    self._fail,
+                    [(w, error) for w in _waiters(puts)] + [(c[-1], error) for c in commands],
+                )
             )
             return
-        if not puts and not commands and not forgets:
+        if not puts and not commands:
             return
         commands = self._note_acks(commands)  # in memory first: an ack outlives a failed round
         try:
-            self._round(puts, commands, forgets, fire)
+            self._round(puts, commands, fire)
             return
         except Exception as exc:  # sqlite3.Error mostly; whatever it is, nobody is left waiting
             first: BaseException = exc
@@ -175,29 +182,30 @@ class QueueFile:
             # max_bytes on disk is reached, not the disk: the overflow policy decides.
             if self.overflow == "drop_oldest" and self._make_room(puts, fire):
                 try:
-                    self._round(puts, commands, forgets, fire)
+                    self._round(puts, commands, fire)
                     return
                 except Exception as exc:
                     first = exc
             else:
-                fire.append((self._refuse, [w for _, w, _ in puts]))
-                self.dropped["overflow_newest"] += len(puts)
-                fire.append((self._note_drops, {"overflow_newest": len(puts)}))
-                puts = []
+                refused = _waiters(puts)
+                self.dropped["overflow_newest"] += len(refused)
+                fire.append((self._refuse, refused))
+                fire.append((self._note_drops, {"overflow_newest": len(refused)}))
+                puts = [put for put in puts if put[0] is None]  # forgets still apply
         elif is_disk_full(first):
             self._store._release_reserve(fire)
-        if commands or forgets:
+        if commands:
             try:
-                self._round([], commands, forgets, fire)
+                self._round([], commands, fire)
             except Exception as exc:
                 self._answer_without_writing(commands, exc, fire)
         if puts:
             try:
-                self._round(puts, [], [], fire)
+                self._round(puts, [], fire)
             except Exception as exc:
                 error = QueueError(f"queue {self.name}: {exc}")
                 fire.append((self._set_error, str(error)))  # known before the emitters hear
-                fire.append((self._fail, [(w, error) for _, w, _ in puts]))
+                fire.append((self._fail, [(w, error) for w in _waiters(puts)]))
 
     def _note_acks(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Record the acknowledgements among ``commands`` in memory; ack commands become their
@@ -240,7 +248,6 @@ class QueueFile:
         self,
         puts: list[tuple[str, Any, Any]],
         commands: list[tuple[Any, ...]],
-        forgets: list[str],
         fire: list,
     ) -> None:
         """One transaction; on failure the figures are restored and the error raised."""
@@ -260,11 +267,6 @@ class QueueFile:
             conn.execute("BEGIN IMMEDIATE")
             if self._deleted < acked:
                 conn.execute("DELETE FROM queue WHERE seq <= ?", (acked,))
-            if forgets:
-                conn.execute(
-                    "DELETE FROM keys WHERE key IN (SELECT value FROM json_each(?))",
-                    (encode_json(forgets),),
-                )
             if puts:
                 self._insert(conn, puts, now, accepted, refused, invalid, drops, keys)
             for command in commands:
@@ -383,7 +385,13 @@ class QueueFile:
         keep_newest = self.overflow == "drop_newest"
         limit = self.max_bytes
         known = self._known_keys(conn, puts, now)
+        forgotten: list[str] = []
         for payload, waiter, key in puts:
+            if payload is None:  # a forget, in its place among the puts
+                known.discard(key)
+                forgotten.append(key)
+                keys[:] = [k for k in keys if k[0] != key]  # put before it: forgotten too
+                continue
             try:
                 size = _utf8_size(payload)
             except (UnicodeEncodeError, AttributeError) as exc:
@@ -402,9 +410,14 @@ class QueueFile:
             rows.append((now, size, payload))
             accepted.append(waiter)
             if key is not None:
-                keys.append((key[0], now + key[1]))
+                keys.append((key[0], now + key[1], key[2] if len(key) > 2 else None))
         if refused:
             drops["overflow_newest"] = len(refused)
+        if forgotten:
+            conn.execute(
+                "DELETE FROM keys WHERE key IN (SELECT value FROM json_each(?))",
+                (encode_json(forgotten),),
+            )
         if keys:
             conn.execute(_INSERT_KEYS, (encode_json(keys),))
         if not rows:
@@ -425,7 +438,7 @@ class QueueFile:
     @staticmethod
     def _known_keys(conn: sqlite3.Connection, puts: list[tuple[str, Any, Any]], now: float) -> set:
         """The keys among ``puts`` that the file already holds, unexpired."""
-        wanted = [key[0] for _, _, key in puts if key is not None]
+        wanted = [key[0] for payload, _, key in puts if key is not None and payload is not None]
         if not wanted:
             return set()
         return {row[0] for row in conn.execute(_KNOWN_KEYS, (now, encode_json(wanted)))}

@@ -134,8 +134,8 @@ class QueueStore:
         with self._cond:
             if self._stopping:
                 return
-            for queue in self._queues.values():
-                queue._forgets.append(key)
+            for queue in self._queues.values():  # among the puts, in order: see QueueFile._insert
+                queue._puts.append((None, None, key))
             self._has_work = True
             self._cond.notify()
 
@@ -176,11 +176,10 @@ class QueueStore:
             self._has_work = False
             work = []
             for queue in self._queues.values():
-                if queue._puts or queue._commands or queue._forgets:
-                    work.append((queue, queue._puts, queue._commands, queue._forgets))
+                if queue._puts or queue._commands:
+                    work.append((queue, queue._puts, queue._commands))
                     queue._puts = []
                     queue._commands = []
-                    queue._forgets = []
             return work, self._stopping
 
     def _run(self) -> None:
@@ -189,8 +188,8 @@ class QueueStore:
             while True:
                 work, stopping = self._take_work()
                 fire: list = []
-                for queue, puts, commands, forgets in work:
-                    queue._process(puts, commands, forgets, fire)
+                for queue, puts, commands in work:
+                    queue._process(puts, commands, fire)
                 now = self._clock()
                 for queue in self._queues.values():
                     queue._housekeep(now, fire)
@@ -215,7 +214,7 @@ class QueueStore:
         fire: list = []
         for queue, puts, commands in left:
             error = QueueClosed(f"queue {queue.name}: the queue store stopped")
-            failed = [(w, error) for _, w, _ in puts] + [
+            failed = [(w, error) for p, w, _ in puts if p is not None] + [
                 (c[-1], error) for c in commands if len(c) > 1
             ]
             if failed:
