@@ -10,6 +10,8 @@ batch. When the queue is empty the loop sleeps until the queue reports a commit 
 
 A failed, raising or timed-out write (or open) is retried with capped, jittered exponential
 backoff (``retry_initial`` .. ``retry_max``), always the same batch, so events stay in order.
+A failure whose exception has a ``retry_after`` (seconds, as an HTTP ``Retry-After``) waits at
+least that long: the destination said when it can take the batch.
 
 Replay pacing: when a sink recovers from a failure, and at start when the queue file held entries
 from the previous run, the entries queued up to that moment (the backlog) are delivered at no
@@ -284,7 +286,7 @@ class SinkRunner:
         self._current = None
         self._failed(failure, "open")
         if not self._stopping:
-            self._timer = self.reactor.callLater(self._next_delay(), self._open)
+            self._timer = self.reactor.callLater(self._next_delay(failure), self._open)
 
     # --- the loop -----------------------------------------------------------------------------
     #
@@ -453,7 +455,7 @@ class SinkRunner:
         if self._stopping:
             self._busy = False
             return
-        self._timer = self.reactor.callLater(self._next_delay(), self._write)
+        self._timer = self.reactor.callLater(self._next_delay(failure), self._write)
 
     def _read_failed(self, failure: Failure) -> None:
         # An acknowledgement that travelled with this read is lost: its batch is sent again.
@@ -504,8 +506,13 @@ class SinkRunner:
                 error=self.last_error,
             )
 
-    def _next_delay(self) -> float:
-        return max(0.0, self._backoff(self._attempt - 1))
+    def _next_delay(self, failure: Failure | None = None) -> float:
+        """The backoff for this attempt, or the failure's ``retry_after`` when that is longer."""
+        delay = max(0.0, self._backoff(self._attempt - 1))
+        retry_after = getattr(failure.value, "retry_after", None) if failure is not None else None
+        if isinstance(retry_after, int | float) and delay < retry_after < float("inf"):  # no NaN
+            delay = float(retry_after)
+        return delay
 
     def _recovered(self) -> None:
         since = self._failing_since if self._failing_since is not None else self.reactor.seconds()

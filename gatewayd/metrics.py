@@ -52,6 +52,7 @@ METRIC_NAMES = (
     "gatewayd_sink_failures",
     "gatewayd_sink_duplicates",
     "gatewayd_sink_possible_duplicates",
+    "gatewayd_sink_dead_letter",
     "gatewayd_queue_up",
     "gatewayd_queue_put_failures",
     "gatewayd_queue_deduplicated",
@@ -238,6 +239,11 @@ class DaemonCollector:
             "Events delivered again after a crash or timeout (may have arrived twice)",
             labels=["sink"],
         )
+        dead_letter = CounterMetricFamily(
+            "gatewayd_sink_dead_letter_total",
+            "Events the destination refused, kept in the sink's dead-letter file",
+            labels=["sink"],
+        )
         queue_up = GaugeMetricFamily(
             "gatewayd_queue_up",
             "1 when the sink's queue can store and hand out events, 0 while it cannot (disk full)",
@@ -264,6 +270,8 @@ class DaemonCollector:
             failures.add_metric([name], runner.failures)
             sink = getattr(runner, "sink", None)
             duplicates.add_metric([name], getattr(sink, "duplicates", 0))
+            if getattr(sink, "dead_letters", None) is not None:  # sinks with a dead letter
+                dead_letter.add_metric([name], sink.dead_letters)
             queue = getattr(runner, "queue", None)
             if queue is None:
                 continue
@@ -279,7 +287,7 @@ class DaemonCollector:
             disk_bytes.add_metric([name], getattr(queue, "disk_bytes", 0))
         yield from (up, queued, queued_bytes, oldest, delivered, dropped, failures)
         yield from (duplicates, possible_duplicates, queue_up, put_failures, deduplicated)
-        yield disk_bytes
+        yield from (disk_bytes, dead_letter)
 
     # --- error handling ---------------------------------------------------------------------
 

@@ -311,6 +311,57 @@ def test_failing_open_is_retried() -> None:
     assert runner.failures == 2
 
 
+class RetryLater(Exception):
+    """A failure that says when to come back, as an HTTP 503 with Retry-After."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__("busy")
+        self.retry_after = seconds
+
+
+def test_retry_after_is_the_least_delay_of_a_failed_write() -> None:
+    clock, queue, sink, runner = setup(3)
+    errors = [RetryLater(5.0), RetryLater(0.5), RetryLater(float("inf"))]
+    recording_write = sink.write
+
+    def write(events):
+        if errors:
+            sink.attempts.append((clock.seconds(), []))
+            raise errors.pop(0)
+        return recording_write(events)
+
+    sink.write = write  # type: ignore[method-assign]
+    runner.start()
+    settle(clock)
+    assert runner.state == "retrying" and runner.last_error == "RetryLater: busy"
+    settle(clock, 4.99)  # the backoff (1 s) is shorter than the 5 s asked for
+    assert len(sink.attempts) == 1
+    settle(clock, 0.01)
+    assert len(sink.attempts) == 2
+    settle(clock, 2.0)  # 0.5 s asked for, the backoff's 2 s wins
+    assert len(sink.attempts) == 3
+    settle(clock, 4.0)  # an infinite retry_after is ignored: the backoff's 4 s
+    assert [t for t, _ in sink.attempts] == [0.0, 5.0, 7.0, 11.0]
+    assert sink.delivered == [0, 1, 2] and runner.state == "ok"
+
+
+def test_retry_after_is_the_least_delay_of_a_failed_open() -> None:
+    clock, queue, sink, runner = setup(3)
+    opens = [RetryLater(3.0)]
+
+    def open_() -> None:
+        if opens:
+            raise opens.pop(0)
+
+    sink.open = open_  # type: ignore[method-assign]
+    runner.start()
+    settle(clock)
+    settle(clock, 2.99)
+    assert runner.state == "retrying" and sink.attempts == []
+    settle(clock, 0.01)
+    assert runner.state == "ok" and sink.delivered == [0, 1, 2]
+
+
 def test_stop_finishes_the_write_in_flight_then_closes() -> None:
     clock, queue, sink, runner = setup(5)
     gate: defer.Deferred = defer.Deferred()
