@@ -14,7 +14,8 @@ reported together (``ConfigError``). The steps, in order:
    (``gatewayd.config_model``); each ``plugins.<name>`` and ``sinks.<name>`` against the
    ``Config`` model of the class its ``type`` names (``gatewayd.registry``). Every section is
    validated on its own so one bad section does not hide the errors of the next.
-5. Routes may only name sinks that exist; a sink no route uses is a warning.
+5. Routes may only name sinks that exist; a sink no route uses is a warning. A plugin's or
+   sink's ``Config`` may add warnings of its own with a ``config_warnings()`` method.
 
 Secret values (fields typed ``gatewayd.schema.Secret``, keys named like ``password``, ``token``,
 ``secret``, ``key``, values read from ``*_file``) are never part of a message.
@@ -665,6 +666,9 @@ class _FileChecker:
             if validated is not None and isinstance(name, str):
                 models[name] = validated
                 classes[name] = cls
+                # A model may add warnings: config_warnings() → [(key path, message), ...].
+                for key, message in getattr(validated, "config_warnings", list)():
+                    self.warn(path + tuple(key), message)
         return models, classes
 
     def _routes(self, data: dict[Any, Any]) -> list[RouteConfig] | None:

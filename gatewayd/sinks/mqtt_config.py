@@ -1,0 +1,159 @@
+"""The ``mqtt`` sink's config and its topic names: the template, and how values are escaped.
+
+A topic is rendered from a template over ``{gateway} {plugin} {protocol} {device} {type}``; each
+value is escaped so that it stays one topic level a subscriber can match and decode:
+
+- ``%`` ``+`` ``#`` ``/``, the control characters (U+0000..U+001F, U+007F..U+009F), Unicode
+  non-characters and lone surrogates become ``%XX`` of their UTF-8 bytes (``+`` → ``%2B``,
+  ``#`` → ``%23``, ``/`` → ``%2F``, NUL → ``%00``, ``%`` → ``%25``). Brokers refuse such
+  characters in a topic (mosquitto drops the connection), so one odd device name would
+  otherwise stop the sink; ``%`` is escaped too, so percent-decoding gives back every value.
+- A missing or empty value (an event without ``device``) is ``-``; the value ``-`` itself is
+  ``%2D``, so ``-`` always means "none".
+
+Everything else (letters of any script, spaces, ``$``, ``.``) is kept as it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import string
+from typing import Any, Literal
+from urllib.parse import unquote
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from gatewayd.mqtt import BrokerConfig
+from gatewayd.schema import SinkConfig
+
+__all__ = [
+    "DEFAULT_TOPIC",
+    "PLACEHOLDERS",
+    "MqttBrokerConfig",
+    "MqttSinkConfig",
+    "TopicTemplate",
+    "escape_level",
+    "unescape_level",
+]
+
+PLACEHOLDERS = ("gateway", "plugin", "protocol", "device", "type")
+DEFAULT_TOPIC = "gatewayd/{gateway}/events/{plugin}/{type}"
+#: How a missing or empty value (an event without a device) is written.
+MISSING = "-"
+
+_NONCHARACTERS = "".join(
+    f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17)
+)
+_UNSAFE = re.compile(f"[%+#/\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef{_NONCHARACTERS}]")
+
+
+def _percent(match: re.Match[str]) -> str:
+    raw = match.group().encode("utf-8", "surrogatepass")
+    return "".join(f"%{byte:02X}" for byte in raw)
+
+
+def escape_level(value: str | None) -> str:
+    """One value as a topic level: reversible (``unescape_level``), never a wildcard or ``/``."""
+    if not value:
+        return MISSING
+    if value == MISSING:
+        return "%2D"
+    return _UNSAFE.sub(_percent, value)
+
+
+def unescape_level(level: str) -> str | None:
+    """The value ``escape_level`` wrote (None for ``-``): plain percent-decoding."""
+    if level == MISSING:
+        return None
+    return unquote(level, errors="surrogatepass")
+
+
+class TopicTemplate:
+    """A validated topic template, split once into literal text and placeholders."""
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        self.parts: list[tuple[str, str | None]] = []  # (literal text, placeholder or None)
+        if not template:
+            raise ValueError("the topic must not be empty")
+        if any(c in template for c in "+#\x00"):
+            raise ValueError("a topic to publish to cannot hold + # or NUL")
+        if template.startswith("$"):
+            raise ValueError("topics starting with $ belong to the broker")
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
+        for literal, name, spec, conversion in parsed:
+            if name is not None and name not in PLACEHOLDERS:
+                known = " ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+                close = difflib.get_close_matches(name, PLACEHOLDERS, n=1)
+                hint = f"; did you mean {{{close[0]}}}?" if close else ""
+                raise ValueError(f"unknown placeholder {{{name}}} (known: {known}){hint}")
+            if spec or conversion:
+                raise ValueError(f"placeholder {{{name}}} takes no format or conversion")
+            self.parts.append((literal, name or None))
+
+    def render(self, event: Any, gateway: str = "") -> str:
+        """The topic of ``event``; ``gateway`` stands in for an event without one."""
+        out = []
+        for literal, name in self.parts:
+            out.append(literal)
+            if name is not None:
+                value = getattr(event, name)
+                if name == "gateway":
+                    value = value or gateway
+                out.append(escape_level(value))
+        return "".join(out)
+
+
+class MqttBrokerConfig(BrokerConfig):
+    """``broker:`` of the mqtt sink: the shared model, with a persistent session by default."""
+
+    #: false: the broker keeps the session across reconnects and restarts, so a QoS 1 message
+    #: in flight when the link broke is completed, not forgotten.
+    clean_session: bool = False
+
+
+class MqttSinkConfig(SinkConfig):
+    """``sinks.<name>`` for ``type: mqtt``: events published to a broker (northbound)."""
+
+    type: str = "mqtt"
+    broker: MqttBrokerConfig = Field(default_factory=MqttBrokerConfig)
+    #: Topic of each event; placeholders {gateway} {plugin} {protocol} {device} {type}.
+    topic: str = DEFAULT_TOPIC
+    #: 1: a batch is acknowledged once the broker acknowledged every message. 0 can lose events.
+    qos: int = Field(1, ge=0, le=1)
+    retain: bool = False
+    #: event: one message per event; batch: one JSON array per topic per written batch.
+    payload: Literal["event", "batch"] = "event"
+    #: QoS 1 messages sent and not yet acknowledged, at most (also paho's in-flight window).
+    max_inflight: int = Field(100, ge=1, le=65535)
+
+    @field_validator("topic")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        TopicTemplate(value)
+        return value
+
+    @field_validator("max_inflight")
+    @classmethod
+    def _room_in_paho(cls, value: int, info: ValidationInfo) -> int:
+        broker = info.data.get("broker")
+        limit = broker.max_queued_messages if broker is not None else 0
+        if limit and value > limit:
+            raise ValueError(f"must be at most broker.max_queued_messages ({limit})")
+        return value
+
+    def config_warnings(self) -> list[tuple[tuple[str, ...], str]]:
+        """What ``check-config`` should warn about: ``(key path, message)`` pairs."""
+        if self.qos == 0:
+            return [
+                (
+                    ("qos",),
+                    "QoS 0 can lose events: a batch counts as delivered once written to the "
+                    "socket, and what the broker never got is gone (use qos: 1)",
+                )
+            ]
+        return []
