@@ -16,9 +16,10 @@ Lifecycle of one plugin instance (``plugins.<name>`` in the config):
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -42,6 +43,7 @@ __all__ = [
     "Device",
     "DeviceRefused",
     "DeviceTimeout",
+    "Invocation",
     "NotFound",
     "Plugin",
     "PluginConfig",
@@ -187,6 +189,29 @@ def command(name: str | None = None, args: type[BaseModel] | None = None):
     return mark
 
 
+@dataclass(frozen=True)
+class Invocation:
+    """Who asked for the command that is running: what a plugin writes into ``command.result``.
+
+    ``source`` is the channel (``"http"`` for the control API, ``"mqtt"`` for the MQTT command
+    topic; None when the command was called directly, as in a unit test) and ``request_id`` the
+    caller's id for this request (the MQTT payload's ``id`` or the HTTP ``Idempotency-Key``;
+    None when it gave none). The command dispatcher sets it on the plugin's context while the
+    command's handler runs (``PluginContext.invocation``), so a handler reads it synchronously.
+    """
+
+    source: str | None = None
+    request_id: str | None = None
+
+    def as_data(self) -> dict[str, Any]:
+        """``{"source": ..., "request_id": ...}``, to merge into an event's data."""
+        return {"source": self.source, "request_id": self.request_id}
+
+
+#: The invocation outside any dispatched command (a direct call).
+DIRECT = Invocation()
+
+
 # --- devices and metrics -----------------------------------------------------------------------
 
 
@@ -256,6 +281,9 @@ class PluginContext:
         self._sink = sink
         self._on_failure = on_failure
         self._keys = keys  # seen(key) / forget(key): the queue store, or a test's collector
+        #: The command invocation running now (set by the dispatcher, see ``invoked``); a
+        #: handler reads it synchronously, before it returns its Deferred.
+        self.invocation: Invocation = DIRECT
         self.not_stored = 0  # events record() could not make durable
         self._not_stored_log = LogThrottle(reactor.seconds, NOT_STORED_LOG_INTERVAL)
         self.metrics.gauge(
@@ -344,6 +372,16 @@ class PluginContext:
                 count=self.not_stored,
                 error=failure.getErrorMessage(),
             )
+
+    @contextlib.contextmanager
+    def invoked(self, invocation: Invocation) -> Iterator[None]:
+        """Make ``invocation`` the current one while the block runs (the dispatcher calls a
+        command's handler inside it); the previous one is restored after, whatever happens."""
+        previous, self.invocation = self.invocation, invocation
+        try:
+            yield
+        finally:
+            self.invocation = previous
 
     def guard(self, function: Callable[..., Any]) -> Callable[..., Any]:
         """Wrap a callback: an exception is logged and marks the plugin failed, never propagates."""

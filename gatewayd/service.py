@@ -1,8 +1,13 @@
 """The daemon: wires config, queues, sinks, pipeline, plugins and the control API on one reactor.
 
-Start order: queues → sinks → pipeline → plugins → control API → ``READY=1``. Stop order is the
-reverse: stop accepting (API, plugins), then flush the queues' pending writes, then stop sinks.
-Everything a plugin emitted before it stopped is durable before the process exits.
+Start order: command request store → queues → sinks → pipeline → plugins → control API →
+``READY=1``. Stop order is the reverse: stop accepting (API, plugins), then flush the queues'
+pending writes, then stop sinks, then close the command request store. Everything a plugin
+emitted before it stopped is durable before the process exits.
+
+Commands: one ``CommandDispatcher`` (``daemon.commands``) serves the control API and, through
+``SinkContext.commands``, a sink that takes commands (the MQTT command channel); request ids
+(MQTT ``id``, HTTP ``Idempotency-Key``) are remembered in ``<state_dir>/commands.db``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
+from gatewayd.commands import CommandDispatcher, IdempotencyStore
 from gatewayd.config_model import Config
 from gatewayd.delivery import SinkRunner
 from gatewayd.events import Event
@@ -76,6 +82,13 @@ class Daemon:
         self.queue_store = QueueStore(
             self.state_dir / "queues", reactor, sync=config.gateway.queue_sync
         )
+        self.command_store = IdempotencyStore(
+            self.state_dir / "commands.db", reactor, sync=config.gateway.queue_sync
+        )
+        #: The one command path of the control API and the MQTT command channel.
+        self.commands = CommandDispatcher(
+            self, command_timeout=config.api.command_timeout, store=self.command_store
+        )
         self.sinks: dict[str, SinkRunner] = {}
         self.plugins: dict[str, PluginHost] = {}
         self.pipeline: Pipeline | None = None
@@ -126,6 +139,7 @@ class Daemon:
         Nothing else there is touched: ``state_dir`` may be shared with other files."""
         root = self.state_dir
         paths = [root]
+        paths.extend(root / f"commands.db{suffix}" for suffix in ("", "-wal", "-shm", "-journal"))
         for directory in (root / "queues", root / "plugins"):
             for top, dirs, files in os.walk(directory):
                 paths.append(Path(top))
@@ -182,6 +196,7 @@ class Daemon:
         self._prepare_state_dir()
         self._warn_of_stranded_queues()
         self._lag.start()
+        yield self.command_store.open()  # before any sink can take a command
         self.queue_store.start()
         queues = {}
         for name, sink_config in self.config.sinks.items():
@@ -198,6 +213,7 @@ class Daemon:
                 reactor=self.reactor,
                 state_dir=self.state_dir,
                 log=Logger(namespace=f"gatewayd.sink.{name}"),
+                commands=self.commands,
             )
             sink = sink_class(name, sink_config, context)
             runner = SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)
@@ -278,6 +294,7 @@ class Daemon:
         # then the store, which commits every put still pending before it closes.
         await defer.DeferredList([runner.stop() for runner in self.sinks.values()])
         await self.queue_store.stop()
+        await self.command_store.close()  # after the sinks: answers of late commands recorded
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
         self._lag.stop()

@@ -9,17 +9,24 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from gatewayd.api.common import HttpError, _listing, error_payload, log, respond, respond_error
+from gatewayd.commands.dispatch import CommandDispatcher
 from gatewayd.config_model import ApiSection
 from gatewayd.metrics import MetricsRenderer
 
 
 class ApiState:
-    """What every resource needs: the daemon view, the api config and the metrics renderer."""
+    """What every resource needs: the daemon view, the api config, the metrics renderer and the
+    command dispatcher (the daemon's ``commands``, shared with the MQTT command channel; a
+    daemon view without one gets its own, without an idempotency store)."""
 
     def __init__(self, daemon: Any, config: ApiSection) -> None:
         self.daemon = daemon
         self.config = config
         self.metrics = MetricsRenderer(daemon)
+        commands = getattr(daemon, "commands", None)
+        if commands is None:
+            commands = CommandDispatcher(daemon, command_timeout=config.command_timeout)
+        self.commands: CommandDispatcher = commands
 
     def authorize(self, request: server.Request) -> None:
         """Raise 401/403 unless the request carries the configured bearer token (if any)."""

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel
 from twisted.logger import Logger
 from twisted.web import server
 
+from gatewayd.commands.dispatch import encode_json, json_default
 from gatewayd.jsonin import JsonInputError, loads_external
 
 #: One log namespace for the whole control API, as before the split into modules.
@@ -36,24 +34,8 @@ def _listing(names: Any) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
-def _json_default(value: Any) -> Any:
-    """JSON for what handlers commonly return besides plain values."""
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, set | frozenset):
-        return sorted(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
-
-
-def encode_json(body: Any) -> bytes:
-    """UTF-8 JSON; raises TypeError/ValueError for what JSON cannot represent."""
-    return json.dumps(body, default=_json_default, ensure_ascii=False).encode("utf-8")
+#: JSON for what handlers return besides plain values (shared with the command path).
+_json_default = json_default
 
 
 def respond(request: server.Request, status: int, payload: bytes) -> bytes:

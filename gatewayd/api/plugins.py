@@ -10,16 +10,10 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from gatewayd.api.base import ApiState, JsonResource
-from gatewayd.api.common import (
-    HttpError,
-    _listing,
-    encode_json,
-    error_payload,
-    log,
-    read_json_object,
-    respond,
-)
-from gatewayd.plugin import Command, CommandError
+from gatewayd.api.common import HttpError, encode_json, log, read_json_object, respond
+from gatewayd.commands.dispatch import Refusal, Target, error_body
+from gatewayd.commands.idempotency import check_request_id, fingerprint
+from gatewayd.plugin import Command
 
 
 def plugin_commands(host: Any) -> dict[str, Command]:
@@ -94,14 +88,38 @@ class CommandsResource(JsonResource):
         return CommandResource(self.api, self.plugin, path.decode("utf-8", "replace"))
 
 
+#: The request header that makes a command idempotent (the MQTT payload's ``id``, over HTTP).
+IDEMPOTENCY_HEADER = b"idempotency-key"
+
+
+def idempotency_key(request: server.Request) -> str | None:
+    """The ``Idempotency-Key`` header's value (None without one); 400 naming it when unusable."""
+    values = request.requestHeaders.getRawHeaders(IDEMPOTENCY_HEADER)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise HttpError(400, "bad_request", "header Idempotency-Key is given more than once")
+    try:
+        return check_request_id(values[0].decode("utf-8").strip())
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = "must be UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        raise HttpError(400, "bad_request", f"header Idempotency-Key: {reason}") from None
+
+
 class CommandResource(JsonResource):
     """``POST /api/v1/plugins/{plugin}/commands/{command}``: run a command, answer its result.
 
-    Order of checks: token (401/403), plugin and command exist (404), plugin running (503),
-    body (413 too large, 400 not a JSON object), arguments (400 naming the argument), then the
-    command's own answer or 504 after ``api.command_timeout`` (the command's Deferred is
-    cancelled). A client that disconnects does not cancel the command: it runs to its end (or
-    the timeout) and its outcome is still counted and logged.
+    A thin adapter of ``gatewayd.commands.CommandDispatcher``, the command path the MQTT command
+    channel shares. Order of checks: token (401/403), plugin and command exist (404), the
+    ``Idempotency-Key`` header (400), plugin running (503), body (413 too large, 400 not a JSON
+    object), arguments (400 naming the argument), then the command's own answer or 504 after
+    ``api.command_timeout`` (the command's Deferred is cancelled). A client that disconnects
+    does not cancel the command: it runs to its end (or the timeout) and its outcome is still
+    counted and logged.
+
+    With ``Idempotency-Key: <id>`` the request is executed at most once per id within the
+    idempotency store's window (10 min; the same ids as MQTT requests): a repeat is answered
+    the stored status and body with ``Idempotent-Replayed: true``, without executing.
     """
 
     isLeaf = True
@@ -111,114 +129,88 @@ class CommandResource(JsonResource):
         self.plugin = plugin
         self.command = command
 
-    def _find(self) -> tuple[Any, Command]:
-        host = self.api.plugin_host(self.plugin)
-        if host.plugin is None:
-            raise self._unavailable(host)
-        commands = plugin_commands(host)
-        command = commands.get(self.command)
-        if command is None:
-            raise HttpError(
-                404,
-                "not_found",
-                f"plugin {self.plugin!r} has no command {self.command!r} "
-                f"(available: {_listing(commands)})",
-            )
-        return host, command
-
-    def _unavailable(self, host: Any) -> HttpError:
-        reason = f" ({host.error})" if host.error else ""
-        return HttpError(503, "unavailable", f"plugin {self.plugin!r} is {host.state}{reason}")
+    def _find(self) -> Target:
+        try:
+            return self.api.commands.find(self.plugin, self.command)
+        except Refusal as refusal:
+            raise HttpError(refusal.status, refusal.code, refusal.message) from None
 
     def render_GET(self, request: server.Request) -> bytes:
-        _, command = self._find()
-        return respond(request, 200, encode_json(describe_command(command)))
+        return respond(request, 200, encode_json(describe_command(self._find().command)))
 
     def render_POST(self, request: server.Request) -> Any:
         self.api.authorize(request)
-        host, command = self._find()
-        metrics = host.context.metrics
+        target = self._find()
+        dispatcher = self.api.commands
         try:
-            if host.state != "running":
-                raise self._unavailable(host)
+            key = idempotency_key(request)
+            if key is None:  # with a key, a repeat is answered even while the plugin is down
+                dispatcher.check_running(target)
             arguments = read_json_object(request, self.api.config.max_body_bytes)
+        except Refusal as refusal:  # counted by the dispatcher
+            raise HttpError(refusal.status, refusal.code, refusal.message) from None
         except HttpError as error:
-            metrics.count_command(command.name, error.code)
+            dispatcher.count(target, error.code)
             raise
-        return CommandCall(self.api, request, self.plugin, command, metrics).start(arguments)
+        return CommandCall(self.api, request, target).start(arguments, key)
 
 
 class CommandCall:
-    """One running command: timeout, outcome counting, and the answer (unless the client left)."""
+    """One running command over HTTP: run it (once per idempotency key), answer unless the
+    client left."""
 
-    def __init__(
-        self, api: ApiState, request: server.Request, plugin: str, command: Command, metrics: Any
-    ) -> None:
+    def __init__(self, api: ApiState, request: server.Request, target: Target) -> None:
         self.api = api
         self.request = request
-        self.plugin = plugin
-        self.command = command
-        self.metrics = metrics
+        self.target = target
         self.client_gone = False
 
-    def start(self, arguments: dict[str, Any]) -> Any:
+    def start(self, arguments: dict[str, Any], key: str | None = None) -> Any:
         """Run the command with ``arguments``; returns NOT_DONE_YET for the render method."""
         self.request.notifyFinish().addErrback(self._client_left)
-        result = defer.maybeDeferred(self.command.call, arguments)
-        timeout = self.api.config.command_timeout
-        if timeout > 0:
-            result.addTimeout(timeout, self.api.daemon.reactor)
-        result.addCallbacks(self._succeeded, self._failed)
+        dispatcher, target = self.api.commands, self.target
+        if key is None:
+            result = dispatcher.run(target, arguments, source="http")
+            result.addErrback(lambda failure: failure.trap(Refusal) and failure.value.answer())
+        elif dispatcher.store is None:
+            message = "this daemon keeps no idempotency store; send the request without the key"
+            result = defer.succeed((503, error_body("unavailable", message)))
+        else:
+            attempt = dispatcher.store.once(
+                key,
+                fingerprint(target.plugin, target.name, arguments),
+                lambda: dispatcher.run(target, arguments, source="http", request_id=key),
+                check=lambda: self._refusal(target),
+            )
+            attempt.recorded.addErrback(lambda failure: None)  # the answer says it: 503
+            if attempt.repeat:
+                self.request.setHeader(b"idempotent-replayed", b"true")
+            result = attempt.answer
         result.addCallback(self._answer)
         result.addErrback(self._last_resort)
         return server.NOT_DONE_YET
 
+    def _refusal(self, target: Target) -> tuple[int, dict[str, Any]] | None:
+        try:
+            self.api.commands.check_running(target)
+        except Refusal as refusal:
+            return refusal.answer()
+        return None
+
     def _client_left(self, reason: Failure) -> None:
         self.client_gone = True
 
-    def _succeeded(self, result: Any) -> tuple[int, bytes]:
-        try:
-            payload = encode_json({"ok": True, "result": result})
-        except (TypeError, ValueError):
-            log.failure(
-                "command {plugin}.{command} returned a result that is not JSON",
-                plugin=self.plugin,
-                command=self.command.name,
-            )
-            self.metrics.count_command(self.command.name, "internal")
-            return 500, error_payload("internal", "the command's result is not JSON; see the log")
-        self.metrics.count_command(self.command.name, "ok")
-        return 200, payload
-
-    def _failed(self, failure: Failure) -> tuple[int, bytes]:
-        name = self.command.name
-        if failure.check(defer.TimeoutError):
-            self.metrics.count_command(name, "timeout")
-            message = (
-                f"no answer from {self.plugin}.{name} within "
-                f"{self.api.config.command_timeout:g} s (api.command_timeout)"
-            )
-            return 504, error_payload("timeout", message)
-        error = failure.check(CommandError) and failure.value
-        if error:
-            self.metrics.count_command(name, str(error.code))
-            status = error.status if 400 <= error.status <= 599 else 500
-            return status, error_payload(error.code, error.message)
-        self.metrics.count_command(name, "internal")
-        log.failure("command {plugin}.{command} failed", failure, plugin=self.plugin, command=name)
-        return 500, error_payload("internal", "the command failed unexpectedly; see the log")
-
-    def _answer(self, outcome: tuple[int, bytes]) -> None:
-        status, payload = outcome
+    def _answer(self, outcome: tuple[int, dict[str, Any]]) -> None:
+        status, body = outcome
         if self.client_gone:
             log.info(
                 "client left before the answer of {plugin}.{command} ({status})",
-                plugin=self.plugin,
-                command=self.command.name,
+                plugin=self.target.plugin,
+                command=self.target.name,
                 status=status,
             )
             return
-        self.request.write(respond(self.request, status, payload))
+        self.request.write(respond(self.request, status, encode_json(body)))
         self.request.finish()
 
     def _last_resort(self, failure: Failure) -> None:

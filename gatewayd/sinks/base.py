@@ -26,13 +26,19 @@ from gatewayd.schema import SinkConfig
 
 @dataclass
 class SinkContext:
-    """What a sink gets from the core."""
+    """What a sink gets from the core.
+
+    ``commands`` is the daemon's ``gatewayd.commands.CommandDispatcher`` (its ``store`` the
+    shared ``IdempotencyStore``), for a sink that also takes commands from its backend (the MQTT
+    sink's command channel, ``gatewayd.commands.CommandChannel``); None where there is none.
+    """
 
     name: str
     gateway_id: str
     reactor: Any
     state_dir: Path
     log: Logger
+    commands: Any = None
 
 
 class Sink:
