@@ -693,15 +693,17 @@ class HeatingPlugin(Plugin):
     def _finish(
         self, name: str, gw_id: str, pending: PendingCommand, to_result: Callable[[Any], Any]
     ) -> defer.Deferred:
-        """Turn the reply into the command's result and report it as ``command.result``."""
+        """Turn the reply into the command's result and report it as ``command.result``
+        (with who asked: ``source`` and ``request_id``, read now, while the command is called)."""
         d = pending.deferred
         d.addCallback(to_result)
+        asked = self.context.invocation.as_data()
 
         def succeeded(result: Any) -> Any:
             self.context.record(
                 "command.result",
                 gw_id,
-                {"command": name, "msg_id": pending.msg_id, "ok": True, "result": result},
+                {"command": name, "msg_id": pending.msg_id, "ok": True, "result": result, **asked},
             )
             return result
 
@@ -714,7 +716,13 @@ class HeatingPlugin(Plugin):
             self.context.record(
                 "command.result",
                 gw_id,
-                {"command": name, "msg_id": pending.msg_id, "ok": False, "error": described},
+                {
+                    "command": name,
+                    "msg_id": pending.msg_id,
+                    "ok": False,
+                    "error": described,
+                    **asked,
+                },
             )
             return failure
 

@@ -458,12 +458,13 @@ class PowerbankPlugin(Plugin):
     @command("query", args=QueryArgs)
     def query(self, args: QueryArgs) -> defer.Deferred:
         """Ask a cabinet for the state of its slots (CQ → AQ); answers {"slots": [...]}."""
-        return self.registry.query(args.imei)
+        return self.registry.query(args.imei, origin=self.context.invocation.as_data())
 
     @command("lend", args=LendArgs)
     def lend(self, args: LendArgs) -> defer.Deferred:
         """Lend (eject) power bank `bank` from `slot`; never resent, reconciled on timeout."""
-        return self.registry.lend(args.imei, args.slot, args.bank)
+        origin = self.context.invocation.as_data()  # who asked: into command.result
+        return self.registry.lend(args.imei, args.slot, args.bank, origin=origin)
 
     # --- command line ----------------------------------------------------------------------
 

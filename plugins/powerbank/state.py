@@ -445,12 +445,14 @@ class CabinetRegistry:
             raise NotFound(f"cabinet {imei} is offline")
         return cabinet
 
-    def query(self, imei: str) -> defer.Deferred:
-        """Command ``query``: CQ, and the AQ answer as ``{"slots": [...]}``; 404, 504."""
+    def query(self, imei: str, origin: dict[str, Any] | None = None) -> defer.Deferred:
+        """Command ``query``: CQ, and the AQ answer as ``{"slots": [...]}``; 404, 504.
+
+        ``origin`` (``source``, ``request_id``: who asked) goes into ``command.result``."""
         cabinet = self.online_cabinet(imei)
         answered = self._request_status(cabinet)
         answered.addCallback(lambda report: {"slots": slots_data(report.slots)})
-        return self._report_command(cabinet, answered, "query", {})
+        return self._report_command(cabinet, answered, "query", {}, origin)
 
     def _request_status(self, cabinet: Cabinet) -> defer.Deferred:
         """Send CQ; fires with the next StatusReport, or DeviceTimeout after query_timeout."""
@@ -488,8 +490,12 @@ class CabinetRegistry:
 
     # --- lend -------------------------------------------------------------------------------
 
-    def lend(self, imei: str, slot: int, bank: str) -> defer.Deferred:
-        """Command ``lend``: CC, then MC(BO) 200 / MR(BF) 502 / reconciled 200 / timeout 504."""
+    def lend(
+        self, imei: str, slot: int, bank: str, origin: dict[str, Any] | None = None
+    ) -> defer.Deferred:
+        """Command ``lend``: CC, then MC(BO) 200 / MR(BF) 502 / reconciled 200 / timeout 504.
+
+        ``origin`` (``source``, ``request_id``: who asked) goes into ``command.result``."""
         cabinet = self.online_cabinet(imei)
         if cabinet.lend is not None:
             pending = cabinet.lend
@@ -507,7 +513,8 @@ class CabinetRegistry:
         lend.timer = self.clock.callLater(
             self.settings.lend_timeout, self._lend_timed_out, cabinet, lend
         )
-        return self._report_command(cabinet, lend.result, "lend", {"slot": slot, "bank": bank})
+        arguments = {"slot": slot, "bank": bank}
+        return self._report_command(cabinet, lend.result, "lend", arguments, origin)
 
     def _lend_timed_out(self, cabinet: Cabinet, lend: PendingLend) -> None:
         """No MC/MR in time: never resend CC; ask for the status and reconcile from it."""
@@ -703,13 +710,22 @@ class CabinetRegistry:
     # --- command.result ---------------------------------------------------------------------
 
     def _report_command(
-        self, cabinet: Cabinet, result: defer.Deferred, name: str, arguments: dict[str, Any]
+        self,
+        cabinet: Cabinet,
+        result: defer.Deferred,
+        name: str,
+        arguments: dict[str, Any],
+        origin: dict[str, Any] | None = None,
     ) -> defer.Deferred:
-        """Emit ``command.result`` when the command completes; the result passes through."""
+        """Emit ``command.result`` when the command completes; the result passes through.
+
+        Its data says who asked: ``source`` (``http``, ``mqtt``; null for a direct call) and
+        ``request_id`` (the MQTT id or HTTP ``Idempotency-Key``; null without one)."""
         started = self.clock.seconds()
+        asked = {"source": None, "request_id": None, **(origin or {})}
 
         def report(outcome: Any) -> Any:
-            data: dict[str, Any] = {"command": name, "arguments": arguments}
+            data: dict[str, Any] = {"command": name, "arguments": arguments, **asked}
             if isinstance(outcome, Failure):
                 error = outcome.value
                 if isinstance(error, defer.CancelledError):

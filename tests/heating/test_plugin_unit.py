@@ -17,7 +17,14 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from gatewayd.mqtt import CONNECTED, WAITING, NotConnected
-from gatewayd.plugin import BadArguments, Busy, DeviceRefused, DeviceTimeout, NotFound
+from gatewayd.plugin import (
+    BadArguments,
+    Busy,
+    DeviceRefused,
+    DeviceTimeout,
+    Invocation,
+    NotFound,
+)
 from gatewayd.testing import PluginHarness
 
 from .vectors import (
@@ -539,6 +546,25 @@ def test_refresh_publishes_msg_1_and_returns_the_status():
     assert d[0]["rssi"] == -98 and d[0]["csq"]["raw"] == "99,99"
     (result,) = data_of(harness, "command.result")
     assert result["command"] == "refresh" and result["ok"] is True and result["msg_id"] == 1
+    assert (result["source"], result["request_id"]) == (None, None)  # a direct call
+
+
+def test_command_result_says_who_asked():
+    harness, _, link = make()
+    link.deliver(STATUS_REPORT)
+    with harness.context.invoked(Invocation("mqtt", "req-7")):
+        ok = result_of(harness.call("refresh", {"gw_id": GW_ID}))
+    assert harness.context.invocation == Invocation()  # restored after the call
+    with harness.context.invoked(Invocation("http", None)):
+        late = result_of(harness.call("reboot", {"gw_id": GW_ID}))
+    link.deliver(STATUS_REPORT)  # answers the refresh (msg 1)
+    link.deliver(stat_reply(30, 1))  # refuses the reboot
+    assert ok[0]["rssi"] == -98 and late[0].check(DeviceRefused)
+    results = data_of(harness, "command.result")
+    assert [(r["command"], r["ok"], r["source"], r["request_id"]) for r in results] == [
+        ("refresh", True, "mqtt", "req-7"),
+        ("reboot", False, "http", None),
+    ]
 
 
 def test_commands_need_a_known_online_gateway():

@@ -248,6 +248,7 @@ def test_query_sends_cq_and_answers_with_the_status():
         "ok",
         {"slots": slots},
     )
+    assert (result["source"], result["request_id"]) == (None, None)  # a direct call
     # A slot that stays faulted raises no new alarm; a newly faulted one does.
     flows.receive(conn, status(SlotStatus(2, SlotState.FAULT), SlotStatus(3, SlotState.FAULT)))
     assert flows.data("alarm.slot_fault") == [{"slot": 3, "bank": None}, {"slot": 2, "bank": None}]
@@ -273,7 +274,8 @@ def test_lend_succeeded_is_acknowledged_only_after_the_event_is_durable():
     flows = Flows()
     conn = flows.connect()
     flows.release()
-    outcome = results(flows.registry.lend(IMEI, 2, BANK))
+    origin = {"source": "mqtt", "request_id": "req-42"}
+    outcome = results(flows.registry.lend(IMEI, 2, BANK, origin=origin))
     assert conn.sent == [LendRequest(IMEI, 2, BANK)]
     flows.receive(conn, LendResult(IMEI, 2, BANK, True))
     assert flows.data("lend.succeeded") == [{"slot": 2, "bank": BANK, "requested": True}]
@@ -289,6 +291,7 @@ def test_lend_succeeded_is_acknowledged_only_after_the_event_is_durable():
         {"slot": 2, "bank": BANK},
         "succeeded",
     )
+    assert (result["source"], result["request_id"]) == ("mqtt", "req-42")
     assert flows.clock.getDelayedCalls() == []  # the lend timer is gone
     assert flows.registry.cabinets[IMEI].inventory[2] == {"slot": 2, "state": "empty", "bank": None}
 
