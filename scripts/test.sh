@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh Debian machine, then run lint and the tests.
-#   apt-get: mosquitto (MQTT broker for integration tests), socat (serial pty pairs)
+#   apt-get: mosquitto (MQTT broker for integration tests), socat (serial pty pairs),
+#            postgresql (initdb/postgres: each test runs a private server, never a system one)
 #   pip:     the package with its [test] extras, in ./.venv
 # Extra arguments go to pytest: scripts/test.sh -k queue -x
 set -euo pipefail
@@ -9,6 +10,8 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
 command -v socat >/dev/null || missing+=(socat)
+command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+  || missing+=(postgresql)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]} with apt-get" >&2

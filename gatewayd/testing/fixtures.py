@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gatewayd.testing import Mosquitto, free_port, pty_pair
+from gatewayd.testing import Mosquitto, PostgresCluster, free_port, pty_pair
 
 
 @pytest.fixture
@@ -18,6 +18,18 @@ def mosquitto() -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def postgresql() -> Iterator[PostgresCluster]:
+    """A private PostgreSQL server (initdb in a temporary directory, a free port): ``.dsn``,
+    ``.connect()``, ``.kill()``, ``.start()``, ``.restart()``; removed afterwards."""
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture
