@@ -30,6 +30,7 @@ import paho.mqtt.client as paho
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from gatewayd.commands.mqtt import CommandChannel
 from gatewayd.events import Event, encode_json
 from gatewayd.mqtt import CONNECTED, MqttClient, MqttError, NotConnected, Will
 from gatewayd.sinks.base import Sink, SinkContext
@@ -167,6 +168,26 @@ class MqttSink(Sink):
         self.gauges = SinkGauges()
         self.client: _SinkClient | None = None
         self._batch: _Batch | None = None
+        self.channel = self._command_channel()
+        if self.channel is not None:
+            self.manual_ack = True  # a command is acknowledged once recorded, not before
+
+    def _command_channel(self) -> CommandChannel | None:
+        """The backend's command channel on this connection, when ``commands:`` is set."""
+        dispatcher = self.context.commands
+        if self.config.commands is None:
+            return None
+        if dispatcher is None:  # a sink built outside the daemon (a test, a tool)
+            self.log.warn("sink {sink}: commands: set but no command dispatcher", sink=self.name)
+            return None
+        return CommandChannel(
+            dispatcher,
+            dispatcher.store,
+            self.gateway,
+            self.config.commands,
+            self.publish,
+            self.log,
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -233,18 +254,20 @@ class MqttSink(Sink):
                 )
             )
 
-    # --- the command channel's seam -------------------------------------------------------------
-    # ``commands:`` will wire a ``gatewayd.commands.CommandChannel`` here, before ``open``:
-    # subscribe to its ``subscription`` (QoS 1), hand messages to its ``handle`` (with
-    # ``manual_ack``, so a request is acknowledged once recorded) and answer through ``publish``.
+    # --- the command channel -------------------------------------------------------------------
+    # With ``commands:``, the sink's connection also carries the backend's commands: it
+    # subscribes to the channel's topic filter (QoS 1), hands each message to the channel (with
+    # ``manual_ack``: a request is acknowledged once recorded) and answers through ``publish``.
 
     def _extra_subscriptions(self) -> list[tuple[str, int]]:
-        """Topic filters to subscribe to besides the probe, as (filter, qos): none yet."""
-        return []
+        """Topic filters to subscribe to besides the probe, as (filter, qos)."""
+        return [(self.channel.subscription, 1)] if self.channel is not None else []
 
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:
-        """A message on an extra subscription (none yet); a Deferred delays its ack."""
-        return None
+        """A message on the command subscription; the Deferred returned delays its ack."""
+        if self.channel is None:
+            return None
+        return self.channel.handle(topic, payload, qos, retain)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
         """One message on the sink's connection (command answers); raises NotConnected."""

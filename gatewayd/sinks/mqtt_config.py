@@ -24,6 +24,7 @@ from urllib.parse import unquote
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from gatewayd.commands.mqtt import CommandsConfig
 from gatewayd.mqtt import BrokerConfig
 from gatewayd.schema import SinkConfig
 
@@ -130,6 +131,9 @@ class MqttSinkConfig(SinkConfig):
     payload: Literal["event", "batch"] = "event"
     #: QoS 1 messages sent and not yet acknowledged, at most (also paho's in-flight window).
     max_inflight: int = Field(100, ge=1, le=65535)
+    #: Take the backend's commands from ``<prefix>/commands/+/+`` (``gatewayd.commands.mqtt``);
+    #: null: none.
+    commands: CommandsConfig | None = None
 
     @field_validator("topic")
     @classmethod

@@ -1,0 +1,126 @@
+"""The northbound MQTT link of a real daemon (``python -m gatewayd run``): events, status and
+presence reach a backend's broker, and the backend's commands come back over it.
+
+A mosquitto on a free port stands for the backend's broker; the backend is a plain paho client
+in the test. A thermometer (the example plugin, a blocking TCP device) reports and answers PING.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import socket
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from gatewayd.testing import free_port, wait_for_port
+from tests.test_service import daemon_config, start_daemon
+
+pytestmark = pytest.mark.integration
+
+
+class Backend:
+    """A paho client on the broker that collects every message under ``gatewayd/t1/#``."""
+
+    def __init__(self, port: int) -> None:
+        self.messages: queue.Queue = queue.Queue()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="backend")
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload, m.retain))
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe([("gatewayd/t1/#", 1), ("backend/answers", 1)])
+        self.client.loop_start()
+
+    def next(self, topic: str, timeout: float = 15.0) -> tuple[bytes, bool]:
+        """The next message on ``topic`` (others are skipped)."""
+        while True:
+            got_topic, payload, retain = self.messages.get(timeout=timeout)
+            if got_topic == topic:
+                return payload, retain
+
+    def command(self, plugin: str, command: str, body: dict) -> None:
+        topic = f"gatewayd/t1/commands/{plugin}/{command}"
+        self.client.publish(topic, json.dumps(body), qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+class Thermometer:
+    """A blocking TCP thermometer: reports once, answers every PING with PONG, counts them."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(b"T kitchen 21.5\n")
+        self.pings = 0
+
+    def answer_pings(self, count: int, timeout: float = 15.0) -> None:
+        self.sock.settimeout(timeout)
+        buffer = b""
+        while self.pings < count:
+            chunk = self.sock.recv(4096)
+            assert chunk, "the daemon closed the thermometer's connection"
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if line == b"PING":
+                    self.pings += 1
+                    self.sock.sendall(b"PONG\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_events_status_presence_and_commands_over_the_northbound_broker(tmp_path: Path, mosquitto):
+    device_port, api_port = free_port(), free_port()
+    config = daemon_config(
+        tmp_path,
+        api_port,
+        f"""\
+plugins:
+  thermo: {{type: example, listen: "127.0.0.1:{device_port}"}}
+sinks:
+  north:
+    type: mqtt
+    broker: {{host: 127.0.0.1, port: {mosquitto.port}, client_id: box-t1}}
+    commands: {{allow: [thermo.ping]}}
+routes:
+  - {{match: {{type: "*"}}, sinks: [north]}}
+""",
+    )
+    backend = Backend(mosquitto.port)
+    daemon = start_daemon(config)
+    try:
+        assert backend.next("gatewayd/t1/status") == (b"online", False)
+        wait_for_port(device_port)
+        thermometer = Thermometer(device_port)
+        reading, _ = backend.next("gatewayd/t1/events/thermo/reading")
+        event = json.loads(reading)
+        assert (event["device"], event["data"]["celsius"]) == ("kitchen", 21.5)
+        presence, retained = backend.next("gatewayd/t1/devices/thermo/kitchen")
+        assert json.loads(presence)["online"] is True and json.loads(presence)["gateway"] == "t1"
+
+        # A command over MQTT, answered on reply_to; the same id again is not executed again.
+        request = {"id": "r-1", "args": {"device": "kitchen"}, "reply_to": "backend/answers"}
+        backend.command("thermo", "ping", request)
+        thermometer.answer_pings(1)
+        answer = json.loads(backend.next("backend/answers")[0])
+        assert (answer["id"], answer["status"], answer["ok"]) == ("r-1", 200, True)
+        backend.command("thermo", "ping", request)
+        again = json.loads(backend.next("backend/answers")[0])
+        assert again["status"] == 200 and again["id"] == "r-1"
+        assert thermometer.pings == 1  # one PING reached the device for two requests
+
+        # Outside `allow`: refused on the default response topic, never executed.
+        backend.command("thermo", "missing", {"id": "r-2", "args": {}})
+        refused = json.loads(backend.next("gatewayd/t1/responses/thermo/missing")[0])
+        assert (refused["status"], refused["error"]["code"]) == (403, "forbidden")
+        thermometer.close()
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+    assert backend.next("gatewayd/t1/status") == (b"offline", False)
+    backend.close()
