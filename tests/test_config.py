@@ -1011,6 +1011,9 @@ BUILTIN_SINKS = {
     "stdout": "gatewayd.sinks.stdout:StdoutSink",
     "jsonl": "gatewayd.sinks.jsonl:JsonlSink",
     "sqlite": "gatewayd.sinks.sqlite:SqliteSink",
+    "mqtt": "gatewayd.sinks.mqtt:MqttSink",
+    "http": "gatewayd.sinks.http:HttpSink",
+    "postgresql": "gatewayd.sinks.postgresql:PostgresqlSink",
 }
 
 
