@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from gatewayd.config_model import Config
+from gatewayd.demo_backend import demo_backend
 from gatewayd.files import PRIVATE_UMASK
 from gatewayd.logsetup import start_logging
 
@@ -97,6 +98,10 @@ async def start_demo_simulators(daemon: Any, reactor: Any) -> list[Any]:
             plugin=name,
         )
         started.append(simulator)
+    backend = demo_backend(daemon, reactor)
+    if backend is not None:
+        backend.start()
+        started.append(backend)
     api = daemon.config.api
     if api.enabled:
         print(
