@@ -11,6 +11,7 @@ import json
 import queue
 import signal
 import socket
+import time
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -124,3 +125,87 @@ routes:
         assert daemon.wait(20) == 0
     assert backend.next("gatewayd/t1/status") == (b"offline", False)
     backend.close()
+
+
+class Consumer:
+    """A backend's persistent QoS 1 subscriber: collects events by id, counting repeats."""
+
+    def __init__(self, port: int) -> None:
+        self.ids: dict[str, int] = {}
+        self.devices: set[str] = set()
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id="consumer", clean_session=False
+        )
+        self.client.max_queued_messages_set(0)
+        self.client.on_message = self._message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("gatewayd/t1/events/#", qos=1)
+        self.client.loop_start()
+
+    def _message(self, client, userdata, message) -> None:
+        event = json.loads(message.payload)
+        self.ids[event["id"]] = self.ids.get(event["id"], 0) + 1
+        self.devices.add(event["device"])
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def test_kill_9_with_messages_in_flight_loses_no_acknowledged_event(tmp_path: Path):
+    """Readings stream in while the mqtt sink publishes; the daemon is killed -9 mid-stream and
+    started again on the same state_dir. Every reading the device was told is stored (OK) reaches
+    the backend, each with one id; repeats are counted apart, and delivery says the same."""
+    from tests.heating.brokers import ConfiguredMosquitto
+    from tests.test_service import Device
+
+    broker = ConfiguredMosquitto(["allow_anonymous true", "max_queued_messages 0"]).start()
+    device_port, api_port = free_port(), free_port()
+    config = daemon_config(
+        tmp_path,
+        api_port,
+        f"""\
+plugins:
+  thermo: {{type: example, listen: "127.0.0.1:{device_port}"}}
+sinks:
+  north:
+    type: mqtt
+    broker: {{host: 127.0.0.1, port: {broker.port}, client_id: box-t1}}
+    batch_size: 50
+routes:
+  - {{match: {{type: reading}}, sinks: [north]}}
+""",
+    )
+    consumer = Consumer(broker.port)
+    try:
+        daemon = start_daemon(config)
+        wait_for_port(device_port)
+        device = Device(device_port)
+        names = [f"r{n:05d}" for n in range(3000)]
+        device.send_readings(names[:1500])
+        acknowledged = device.read_oks(1500)
+        device.send_readings(names[1500:])  # in flight when the daemon dies
+        acknowledged += device.read_oks(200, timeout=5)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        device.close()
+        assert acknowledged >= 1500
+
+        daemon = start_daemon(config)  # the queue holds what was not yet published
+        try:
+            wanted = set(names[:acknowledged])
+            deadline = time.monotonic() + 30
+            while not wanted <= consumer.devices and time.monotonic() < deadline:
+                time.sleep(0.2)
+            missing = wanted - consumer.devices
+            assert not missing, f"{len(missing)} acknowledged readings never reached the backend"
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(20) == 0
+        repeats = sum(count - 1 for count in consumer.ids.values())
+        # One id per reading: a repeat is the same event again, never a new id for it.
+        assert len(consumer.ids) == len(consumer.devices)
+        assert repeats <= 2 * 50 + 100  # at most the batches in flight when it died
+    finally:
+        consumer.close()
+        broker.stop()
