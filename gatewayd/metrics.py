@@ -62,6 +62,12 @@ METRIC_NAMES = (
     "gatewayd_events_dropped",
 )
 
+#: Sink gauge names that would collide with a fixed ``gatewayd_sink_*`` family.
+_RESERVED_SINK_GAUGES = frozenset(
+    name.removeprefix("gatewayd_sink_")
+    for name in METRIC_NAMES
+    if name.startswith("gatewayd_sink_")
+) | {"delivered_total", "dropped_total", "failures_total", "duplicates_total", "dead_letter_total"}
 #: Plugin gauge names that would collide with a fixed ``gatewayd_plugin_*`` family.
 _RESERVED_PLUGIN_GAUGES = frozenset(
     name.removeprefix("gatewayd_plugin_")
@@ -181,10 +187,13 @@ class DaemonCollector:
         plugin: str,
         published: dict[str, tuple[str, Callable[[], float]]],
         families: dict[str, GaugeMetricFamily | CounterMetricFamily],
+        kind_of_owner: str = "plugin",
     ) -> None:
+        """``gatewayd_<plugin|sink>_<gauge>{<plugin|sink>=...}`` for each published gauge."""
+        reserved = _RESERVED_PLUGIN_GAUGES if kind_of_owner == "plugin" else _RESERVED_SINK_GAUGES
         for gauge_name, (help_text, read) in sorted(published.items()):
             safe = _metric_safe(gauge_name)
-            if safe in _RESERVED_PLUGIN_GAUGES:
+            if safe in reserved:
                 self._report_once(
                     plugin, f"gauge:{gauge_name}", f"gauge name {gauge_name!r} is reserved"
                 )
@@ -196,7 +205,9 @@ class DaemonCollector:
             if family is None:  # a name ending in _total counts up: expose it as a counter
                 kind = CounterMetricFamily if safe.endswith("_total") else GaugeMetricFamily
                 family = families[safe] = kind(
-                    f"gatewayd_plugin_{safe}", help_text or gauge_name, labels=["plugin"]
+                    f"gatewayd_{kind_of_owner}_{safe}",
+                    help_text or gauge_name,
+                    labels=[kind_of_owner],
                 )
             family.add_metric([plugin], value)
 
@@ -264,7 +275,11 @@ class DaemonCollector:
             "Bytes the queue file and its WAL occupy on disk (bounded by max_bytes)",
             labels=["queue"],
         )
+        published: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
         for name, runner in sorted(self.daemon.sinks.items()):
+            gauges = getattr(getattr(runner, "sink", None), "gauges", None)
+            if gauges:  # a sink's own figures: the mqtt sink's link and command channel
+                self._plugin_gauges(name, gauges, published, "sink")
             up.add_metric([name], 1 if runner.state == "ok" else 0)
             delivered.add_metric([name], runner.delivered)
             failures.add_metric([name], runner.failures)
@@ -288,6 +303,7 @@ class DaemonCollector:
         yield from (up, queued, queued_bytes, oldest, delivered, dropped, failures)
         yield from (duplicates, possible_duplicates, queue_up, put_failures, deduplicated)
         yield from (disk_bytes, dead_letter)
+        yield from published.values()
 
     # --- error handling ---------------------------------------------------------------------
 

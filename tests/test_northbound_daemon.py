@@ -209,3 +209,39 @@ routes:
     finally:
         consumer.close()
         broker.stop()
+
+
+def test_metrics_show_the_mqtt_link_and_the_command_channel(tmp_path: Path, mosquitto):
+    import urllib.request
+
+    api_port = free_port()
+    config = daemon_config(
+        tmp_path,
+        api_port,
+        f"""\
+plugins:
+  thermo: {{type: example, listen: "127.0.0.1:{free_port()}"}}
+sinks:
+  north:
+    type: mqtt
+    broker: {{host: 127.0.0.1, port: {mosquitto.port}}}
+    commands: {{allow: [thermo.ping]}}
+routes:
+  - {{match: {{type: "*"}}, sinks: [north]}}
+""",
+    )
+    backend = Backend(mosquitto.port)
+    daemon = start_daemon(config)
+    try:
+        assert backend.next("gatewayd/t1/status") == (b"online", False)
+        backend.command("thermo", "nope", {"id": "x-1", "args": {}})
+        backend.next("gatewayd/t1/responses/thermo/nope")
+        url = f"http://127.0.0.1:{api_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert 'gatewayd_sink_mqtt_connected{sink="north"} 1.0' in text
+        assert 'gatewayd_sink_commands_received_total{sink="north"} 1.0' in text
+        assert 'gatewayd_sink_commands_refused_total{sink="north"} 1.0' in text
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0
+        backend.close()

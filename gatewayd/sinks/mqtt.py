@@ -45,7 +45,8 @@ Message = tuple[str, bytes, int, bool]
 
 
 class SinkGauges(dict[str, tuple[str, Callable[[], float]]]):
-    """Gauges by name, the shape of ``PluginMetrics.gauges``; /metrics does not read sinks' yet."""
+    """Gauges by name, the shape of ``PluginMetrics.gauges``: /metrics shows each as
+    ``gatewayd_sink_<name>{sink=...}``."""
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Keep a gauge read at scrape time (what ``MqttClient.register_metrics`` calls)."""
@@ -171,6 +172,13 @@ class MqttSink(Sink):
         self.channel = self._command_channel()
         if self.channel is not None:
             self.manual_ack = True  # a command is acknowledged once recorded, not before
+            stats = self.channel.stats
+            for field in ("received", "executed", "repeats", "refused", "dropped", "answers"):
+                self.gauges.gauge(
+                    f"commands_{field}_total",
+                    f"Command channel: {field} (gatewayd.commands.mqtt.ChannelStats)",
+                    lambda field=field: getattr(stats, field),
+                )
 
     def _command_channel(self) -> CommandChannel | None:
         """The backend's command channel on this connection, when ``commands:`` is set."""
