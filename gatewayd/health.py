@@ -6,8 +6,10 @@ report without importing twisted.web.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import gatewayd
 from gatewayd.metrics import oldest_age_seconds
 
 
@@ -45,3 +47,32 @@ def health_report(daemon: Any, now: float) -> tuple[bool, dict[str, Any]]:
         "sinks": sinks,
     }
     return healthy, body
+
+
+def box_status(daemon: Any, now: float, online: bool = True) -> dict[str, Any]:
+    """The box's status for the fleet (``gatewayd/{gateway}/status``, retained): version,
+    plugins with their devices online, every queue's depth and oldest age, and when."""
+    plugins = {}
+    for name, host in sorted(daemon.plugins.items()):
+        plugin = getattr(host, "plugin", None)
+        try:
+            count = plugin.devices_online() if plugin is not None else 0
+        except Exception:  # a broken plugin costs its own figure only (logged by /metrics)
+            count = None
+        plugins[name] = {"type": host.type_name, "state": host.state, "devices_online": count}
+    queues = {}
+    for name, runner in sorted(daemon.sinks.items()):
+        queue = getattr(runner, "queue", None)
+        age = oldest_age_seconds(queue, now) if queue is not None else None
+        queues[name] = {
+            "queued": queue.depth if queue is not None else None,
+            "oldest_age_seconds": round(age, 3) if age is not None else None,
+        }
+    return {
+        "status": "online" if online else "offline",
+        "gateway": daemon.gateway_id,
+        "version": gatewayd.__version__,
+        "plugins": plugins,
+        "queues": queues,
+        "updated": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
+    }

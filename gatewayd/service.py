@@ -25,6 +25,7 @@ from gatewayd.config_model import Config
 from gatewayd.delivery import SinkRunner
 from gatewayd.events import Event
 from gatewayd.files import private_dir, read_private_text, tighten
+from gatewayd.health import box_status
 from gatewayd.host import PluginHost
 from gatewayd.pipeline import Pipeline
 from gatewayd.queue import QueueStore, stranded_queues
@@ -184,6 +185,10 @@ class Daemon:
             raise ValueError(f"api.token_file {token_file} is empty")
         return token
 
+    def box_status(self, online: bool = True) -> dict[str, Any]:
+        """The status the fleet sees (``gatewayd/{gateway}/status``): see gatewayd.health."""
+        return box_status(self, self.reactor.seconds(), online)
+
     def emit(self, event: Event) -> defer.Deferred:
         """Route one event; fires when it is durable in every queue it went to."""
         assert self.pipeline is not None, "emit before start"
@@ -214,6 +219,7 @@ class Daemon:
                 state_dir=self.state_dir,
                 log=Logger(namespace=f"gatewayd.sink.{name}"),
                 commands=self.commands,
+                status=self.box_status,
             )
             sink = sink_class(name, sink_config, context)
             runner = SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)

@@ -88,6 +88,7 @@ sinks:
     type: mqtt
     broker: {{host: 127.0.0.1, port: {mosquitto.port}, client_id: box-t1}}
     commands: {{allow: [thermo.ping]}}
+    status_interval: 1s
 routes:
   - {{match: {{type: "*"}}, sinks: [north]}}
 """,
@@ -95,7 +96,10 @@ routes:
     backend = Backend(mosquitto.port)
     daemon = start_daemon(config)
     try:
-        assert backend.next("gatewayd/t1/status") == (b"online", False)
+        status = json.loads(backend.next("gatewayd/t1/status")[0])
+        assert (status["status"], status["gateway"], status["version"]) == ("online", "t1", "0.1.0")
+        assert status["plugins"]["thermo"]["type"] == "example"
+        assert status["queues"]["north"]["queued"] is not None and status["updated"]
         wait_for_port(device_port)
         thermometer = Thermometer(device_port)
         reading, _ = backend.next("gatewayd/t1/events/thermo/reading")
@@ -103,6 +107,9 @@ routes:
         assert (event["device"], event["data"]["celsius"]) == ("kitchen", 21.5)
         presence, retained = backend.next("gatewayd/t1/devices/thermo/kitchen")
         assert json.loads(presence)["online"] is True and json.loads(presence)["gateway"] == "t1"
+        # The status is published again every status_interval, with the devices now online.
+        updated = json.loads(backend.next("gatewayd/t1/status")[0])
+        assert updated["plugins"]["thermo"]["devices_online"] == 1
 
         # A command over MQTT, answered on reply_to; the same id again is not executed again.
         request = {"id": "r-1", "args": {"device": "kitchen"}, "reply_to": "backend/answers"}
@@ -123,7 +130,8 @@ routes:
     finally:
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(20) == 0
-    assert backend.next("gatewayd/t1/status") == (b"offline", False)
+    final = json.loads(backend.next("gatewayd/t1/status")[0])
+    assert (final["status"], final["gateway"]) == ("offline", "t1")
     backend.close()
 
 
@@ -233,7 +241,7 @@ routes:
     backend = Backend(mosquitto.port)
     daemon = start_daemon(config)
     try:
-        assert backend.next("gatewayd/t1/status") == (b"online", False)
+        assert json.loads(backend.next("gatewayd/t1/status")[0])["status"] == "online"
         backend.command("thermo", "nope", {"id": "x-1", "args": {}})
         backend.next("gatewayd/t1/responses/thermo/nope")
         url = f"http://127.0.0.1:{api_port}/metrics"

@@ -31,6 +31,8 @@ class SinkContext:
     ``commands`` is the daemon's ``gatewayd.commands.CommandDispatcher`` (its ``store`` the
     shared ``IdempotencyStore``), for a sink that also takes commands from its backend (the MQTT
     sink's command channel, ``gatewayd.commands.CommandChannel``); None where there is none.
+    ``status(online)`` builds the box's status (``gatewayd.health.box_status``) for a sink that
+    publishes it (the MQTT sink's status topic); None outside the daemon.
     """
 
     name: str
@@ -39,6 +41,7 @@ class SinkContext:
     state_dir: Path
     log: Logger
     commands: Any = None
+    status: Callable[[bool], dict[str, Any]] | None = None
 
 
 class Sink:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import paho.mqtt.client as paho
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from gatewayd.commands.mqtt import CommandChannel
@@ -215,7 +215,7 @@ class MqttSink(Sink):
         waited: defer.Deferred = defer.Deferred()
         if client.connected:
             try:
-                sent = client.publish(self.status_topic, b"offline", qos=1, retain=True)
+                sent = client.publish(self.status_topic, self._status(False), qos=1, retain=True)
             except MqttError:
                 sent = defer.succeed(None)
             sent.addBoth(lambda _: None if waited.called else waited.callback(None))
@@ -224,6 +224,7 @@ class MqttSink(Sink):
         else:
             waited.callback(None)  # the broker has published our will already
         waited.addCallback(lambda _: client.stop())
+        self._stop_status_updates()
         return waited
 
     def _make_client(self) -> _SinkClient:
@@ -234,7 +235,7 @@ class MqttSink(Sink):
             client_id=broker.client_id or default_client_id(self.gateway, self.name),
             on_message=self._on_message,
             subscriptions=self._extra_subscriptions(),
-            will=Will(self.status_topic, b"offline", qos=1, retain=True),
+            will=Will(self.status_topic, self._status(False), qos=1, retain=True),
             manual_ack=self.manual_ack,
             name=f"sink {self.name}",
             log=self.log,
@@ -245,14 +246,11 @@ class MqttSink(Sink):
         return client
 
     def _state_changed(self, client: _SinkClient, state: str) -> None:
-        """Connected: announce ``online``. Any other state: the batch in flight has failed."""
+        """Connected: announce ``online`` (and again every ``status_interval``). Any other
+        state: the batch in flight has failed."""
         if state == CONNECTED:
-            try:
-                d = client.publish(self.status_topic, b"online", qos=1, retain=True)
-            except MqttError as exc:
-                self.log.warn("sink {sink}: cannot publish online: {e}", sink=self.name, e=exc)
-            else:
-                d.addErrback(lambda _: None)  # stopped first; the will says offline
+            self._publish_status(client)
+            self._start_status_updates(client)
         elif self._batch is not None and self._batch.client is client:
             batch = self._batch
             batch.fail(
@@ -261,6 +259,40 @@ class MqttSink(Sink):
                     f"({batch.acked} of {len(batch.messages)} messages acknowledged)"
                 )
             )
+
+    # --- the box's status ----------------------------------------------------------------------
+    # Retained on gatewayd/{gateway}/status: from the daemon, a JSON object (gatewayd.health.
+    # box_status: version, plugins and devices online, queues, when); outside it, the words
+    # ``online`` / ``offline``. The last will is the offline form.
+
+    def _status(self, online: bool) -> bytes:
+        build = self.context.status
+        if build is None:
+            return b"online" if online else b"offline"
+        return encode_json(build(online)).encode()
+
+    def _publish_status(self, client: _SinkClient) -> None:
+        if not client.connected:
+            return
+        try:
+            d = client.publish(self.status_topic, self._status(True), qos=1, retain=True)
+        except MqttError as exc:
+            self.log.warn("sink {sink}: cannot publish status: {e}", sink=self.name, e=exc)
+        else:
+            d.addErrback(lambda _: None)  # stopped first; the will says offline
+
+    def _start_status_updates(self, client: _SinkClient) -> None:
+        self._stop_status_updates()
+        if self.context.status is None:
+            return  # the plain word does not change
+        self._status_loop = task.LoopingCall(self._publish_status, client)
+        self._status_loop.clock = self.context.reactor
+        self._status_loop.start(self.config.status_interval, now=False)
+
+    def _stop_status_updates(self) -> None:
+        loop, self._status_loop = getattr(self, "_status_loop", None), None
+        if loop is not None and loop.running:
+            loop.stop()
 
     # --- the command channel -------------------------------------------------------------------
     # With ``commands:``, the sink's connection also carries the backend's commands: it

@@ -26,7 +26,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from gatewayd.commands.mqtt import CommandsConfig
 from gatewayd.mqtt import BrokerConfig
-from gatewayd.schema import SinkConfig
+from gatewayd.schema import PositiveDuration, SinkConfig
 
 __all__ = [
     "DEFAULT_TOPIC",
@@ -131,6 +131,8 @@ class MqttSinkConfig(SinkConfig):
     payload: Literal["event", "batch"] = "event"
     #: QoS 1 messages sent and not yet acknowledged, at most (also paho's in-flight window).
     max_inflight: int = Field(100, ge=1, le=65535)
+    #: How often the box's status (retained on ``gatewayd/{gateway}/status``) is published again.
+    status_interval: PositiveDuration = 30.0
     #: Take the backend's commands from ``<prefix>/commands/+/+`` (``gatewayd.commands.mqtt``);
     #: null: none.
     commands: CommandsConfig | None = None
