@@ -443,6 +443,14 @@ class Plugin:
         pages through it by position). A generator is cheaper: a page stops reading at its end."""
         return []
 
+    def device_elsewhere(self, device: str, gateway: str, since: float) -> None:
+        """Another box of the fleet announced ``device`` online at ``since`` (POSIX seconds).
+
+        Why: a device that reconnects through a balancer may land on another box while this one
+        still holds a half-open connection of it. Close such a connection if it is older than
+        ``since`` (as a local takeover by a newer connection does). Default: nothing.
+        """
+
     def devices_online(self) -> int:
         """How many of ``devices()`` are online (``/metrics`` reads it at every scrape).
 

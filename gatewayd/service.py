@@ -185,6 +185,16 @@ class Daemon:
             raise ValueError(f"api.token_file {token_file} is empty")
         return token
 
+    def device_elsewhere(self, plugin: str, device: str, gateway: str, since: float) -> None:
+        """Another box announced ``device`` of instance ``plugin`` online: tell the plugin."""
+        host = self.plugins.get(plugin)
+        if gateway == self.gateway_id or host is None or host.plugin is None:
+            return
+        try:
+            host.plugin.device_elsewhere(device, gateway, since)
+        except Exception as exc:
+            host.context.fail(exc)
+
     def box_status(self, online: bool = True) -> dict[str, Any]:
         """The status the fleet sees (``gatewayd/{gateway}/status``): see gatewayd.health."""
         return box_status(self, self.reactor.seconds(), online)
@@ -220,6 +230,7 @@ class Daemon:
                 log=Logger(namespace=f"gatewayd.sink.{name}"),
                 commands=self.commands,
                 status=self.box_status,
+                presence=self.device_elsewhere,
             )
             sink = sink_class(name, sink_config, context)
             runner = SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)

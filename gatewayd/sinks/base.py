@@ -33,6 +33,8 @@ class SinkContext:
     sink's command channel, ``gatewayd.commands.CommandChannel``); None where there is none.
     ``status(online)`` builds the box's status (``gatewayd.health.box_status``) for a sink that
     publishes it (the MQTT sink's status topic); None outside the daemon.
+    ``presence(plugin, device, gateway, since)`` tells the daemon another box announced a device
+    online (the MQTT sink's ``watch_presence``); None outside the daemon.
     """
 
     name: str
@@ -42,6 +44,7 @@ class SinkContext:
     log: Logger
     commands: Any = None
     status: Callable[[bool], dict[str, Any]] | None = None
+    presence: Callable[[str, str, str, float], None] | None = None
 
 
 class Sink:

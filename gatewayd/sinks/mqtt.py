@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
+from urllib.parse import unquote
 
+import orjson
 import paho.mqtt.client as paho
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -301,13 +304,27 @@ class MqttSink(Sink):
 
     def _extra_subscriptions(self) -> list[tuple[str, int]]:
         """Topic filters to subscribe to besides the probe, as (filter, qos)."""
-        return [(self.channel.subscription, 1)] if self.channel is not None else []
+        topics = [(self.channel.subscription, 1)] if self.channel is not None else []
+        if self.config.watch_presence and self.context.presence is not None:
+            topics.append((PRESENCE_FILTER, 1))
+        return topics
 
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:
-        """A message on the command subscription; the Deferred returned delays its ack."""
+        """A command (the Deferred returned delays its ack) or another box's presence."""
+        if topic.startswith("gatewayd/") and "/devices/" in topic:
+            self._presence_seen(topic, payload)
+            return None
         if self.channel is None:
             return None
         return self.channel.handle(topic, payload, qos, retain)
+
+    def _presence_seen(self, topic: str, payload: bytes) -> None:
+        """``gatewayd/{gw}/devices/{plugin}/{device}`` of another box: tell the daemon."""
+        notice = parse_presence(topic, payload)
+        report = self.context.presence
+        if notice is None or report is None or notice[2] == self.gateway:
+            return
+        report(*notice)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
         """One message on the sink's connection (command answers); raises NotConnected."""
@@ -361,6 +378,27 @@ class MqttSink(Sink):
         )
         body = encode_json({"online": online, "since": event.ts, "gateway": gateway})
         return topic, body.encode(), self.config.qos, True
+
+
+#: Every box's device presence (``watch_presence``).
+PRESENCE_FILTER = "gatewayd/+/devices/+/+"
+
+
+def parse_presence(topic: str, payload: bytes) -> tuple[str, str, str, float] | None:
+    """``(plugin, device, gateway, since)`` of a presence message that says online, else None
+    (offline, malformed, or not a presence topic)."""
+    levels = topic.split("/")
+    if len(levels) != 5 or levels[0] != "gatewayd" or levels[2] != "devices":
+        return None
+    try:
+        body = orjson.loads(payload)
+        if not isinstance(body, dict) or body.get("online") is not True:
+            return None
+        since = datetime.fromisoformat(str(body["since"])).timestamp()
+    except (orjson.JSONDecodeError, KeyError, ValueError, TypeError):
+        return None
+    gateway, plugin, device = (unquote(level) for level in (levels[1], levels[3], levels[4]))
+    return plugin, device, gateway, since
 
 
 def default_client_id(gateway: str, sink: str) -> str:

@@ -131,6 +131,9 @@ class MqttSinkConfig(SinkConfig):
     payload: Literal["event", "batch"] = "event"
     #: QoS 1 messages sent and not yet acknowledged, at most (also paho's in-flight window).
     max_inflight: int = Field(100, ge=1, le=65535)
+    #: Subscribe to every box's presence (``gatewayd/+/devices/+/+``) so that a device that
+    #: moved to another box is let go here (fleet deployments; see README "Fleet").
+    watch_presence: bool = False
     #: How often the box's status (retained on ``gatewayd/{gateway}/status``) is published again.
     status_interval: PositiveDuration = 30.0
     #: Take the backend's commands from ``<prefix>/commands/+/+`` (``gatewayd.commands.mqtt``);

@@ -436,6 +436,15 @@ class PowerbankPlugin(Plugin):
 
     # --- devices and commands --------------------------------------------------------------
 
+    def device_elsewhere(self, device: str, gateway: str, since: float) -> None:
+        """A cabinet that reconnected to another box of the fleet: let go of our older link."""
+        if self.registry.moved_elsewhere(device, gateway, since):
+            self.context.log.info(
+                "cabinet {imei} is on box {gateway} now: closed its older connection here",
+                imei=device,
+                gateway=gateway,
+            )
+
     def devices(self) -> list[Device]:
         listed = []
         for imei in sorted(self.registry.cabinets):

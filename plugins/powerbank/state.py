@@ -164,6 +164,7 @@ class Cabinet:
         "address",
         "last_seen",
         "online_since",
+        "connected_at",
         "inventory",
         "faulted",
         "lend",
@@ -178,6 +179,8 @@ class Cabinet:
         self.address: str | None = None
         self.last_seen: float | None = None
         self.online_since: float | None = None
+        #: When the current connection was bound (a takeover by a newer connection renews it).
+        self.connected_at: float | None = None
         #: slot -> {"slot", "state", "bank"}: last AQ, updated by lends and returns since.
         self.inventory: dict[int, dict[str, Any]] = {}
         self.faulted: set[int] = set()
@@ -284,6 +287,7 @@ class CabinetRegistry:
             old = cabinet.connection
             cabinet.connection = conn
             cabinet.address = conn.address
+            cabinet.connected_at = self.clock.seconds()
             if old is None:
                 self.online_count += 1
                 cabinet.online_since = self.clock.seconds()
@@ -309,6 +313,18 @@ class CabinetRegistry:
         if cabinet.connection is not conn:
             return None  # a replaced connection that still delivers data: the new one rules
         return cabinet
+
+    def moved_elsewhere(self, imei: str, gateway: str, since: float) -> bool:
+        """Another box announced this cabinet online at ``since``: close our connection if it is
+        older (a half-open one the balancer moved away from); True if one was closed. Pending
+        operations fail as for any lost connection; ``device.offline`` says ``moved``."""
+        cabinet = self.cabinets.get(imei)
+        if cabinet is None or cabinet.connection is None or cabinet.connected_at is None:
+            return False
+        if cabinet.connected_at >= since:
+            return False  # ours is the newer connection: the other box will let go
+        cabinet.connection.close(f"moved to box {gateway}")
+        return True
 
     def connection_lost(self, conn: Connection, reason: str) -> None:
         """A connection closed: the cabinet goes offline unless a newer connection replaced it."""

@@ -811,3 +811,14 @@ def test_the_plugin_hands_its_registry_the_durable_keys_of_its_context():
     assert [e.type for e in second.collector.events] == ["device.online"]
     second.plugin.registry.packet_received(conn, ReturnQuery(IMEI, 2, BANK), "MQ")  # forgets
     assert second.collector.keys == set()
+
+
+def test_a_cabinet_announced_on_another_box_later_is_let_go_here():
+    flows = Flows(durable="now")
+    flows.clock.advance(5)
+    conn = flows.connect()  # bound at 5
+    assert not flows.registry.moved_elsewhere(IMEI, "box-b", since=1.0)  # ours is newer
+    assert conn.closed is None
+    assert flows.registry.moved_elsewhere(IMEI, "box-b", since=9.0)
+    assert conn.closed == "moved to box box-b"
+    assert not flows.registry.moved_elsewhere("869999999999999", "box-b", since=9.0)
