@@ -1,4 +1,4 @@
-"""The ``gatewayd`` command line: run, check-config, demo, simulate, decode, command.
+"""The ``gatewayd`` command line: run, check-config, demo, simulate, decode, command, fleet.
 
 Installed plugins add to it: their simulators become ``gatewayd simulate FAMILY``, their decoders
 ``gatewayd decode FORMAT``, and ``Plugin.register_cli`` may add whole subcommands.
@@ -91,6 +91,12 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
     command = sub.add_parser("command", help="call a plugin command through the control API")
     client.add_arguments(command)
     command.set_defaults(func=cmd_command)
+
+    fleet = sub.add_parser("fleet", help="the boxes behind an MQTT broker: devices, boxes, command")
+    from gatewayd.fleet.cli import add_arguments as add_fleet_arguments
+
+    add_fleet_arguments(fleet)
+    fleet.set_defaults(func=cmd_fleet)
 
     for plugin_class in plugins.values():
         plugin_class.register_cli(sub)
@@ -228,6 +234,12 @@ def _strict_int(text: str) -> int | None:
 
 def cmd_command(args: argparse.Namespace) -> int:
     return client.command_main(args)
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from gatewayd.fleet.cli import fleet_main
+
+    return fleet_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
