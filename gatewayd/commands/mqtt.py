@@ -50,7 +50,14 @@ from gatewayd.jsonin import JsonInputError, loads_external
 from gatewayd.logsetup import LogThrottle
 from gatewayd.schema import ByteSize, ConfigModel, PositiveDuration
 
-__all__ = ["ChannelStats", "CommandChannel", "CommandsConfig", "Publish"]
+__all__ = [
+    "ChannelStats",
+    "CommandChannel",
+    "CommandsConfig",
+    "Publish",
+    "allowed",
+    "check_patterns",
+]
 
 #: ``publish(topic, payload, qos, retain)``: a Deferred that fires once the message is sent
 #: (QoS 1: acknowledged by the broker); it may also raise at once (not connected).
@@ -64,6 +71,26 @@ _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*("(?:[^"\\\x00-\x1f]|\\.){1,800
 _LEADING_ID_SPAN = 4096
 #: ``plugin.command`` with shell-style globs in either part.
 _PATTERN = re.compile(r"[A-Za-z0-9_\-*?\[\]!]+\.[A-Za-z0-9_\-*?\[\]!]+")
+
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """``patterns`` if each is a ``plugin.command`` glob; ValueError naming one otherwise."""
+    for pattern in patterns:
+        if not _PATTERN.fullmatch(pattern):
+            raise ValueError(
+                f"{pattern!r} is not a plugin.command pattern (such as cabinets.query, "
+                "heating.* or *.*)"
+            )
+    return patterns
+
+
+def allowed(patterns: list[str], plugin: str, command: str) -> bool:
+    """True if one of ``patterns`` (``plugin.command`` globs) matches ``plugin.command``."""
+    for pattern in patterns:
+        plugin_part, _, command_part = pattern.partition(".")
+        if fnmatchcase(plugin, plugin_part) and fnmatchcase(command, command_part):
+            return True
+    return False
 
 
 class CommandsConfig(ConfigModel):
@@ -85,13 +112,7 @@ class CommandsConfig(ConfigModel):
     @field_validator("allow")
     @classmethod
     def _patterns(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            if not _PATTERN.fullmatch(pattern):
-                raise ValueError(
-                    f"{pattern!r} is not a plugin.command pattern (such as cabinets.query, "
-                    "heating.* or *.*)"
-                )
-        return value
+        return check_patterns(value)
 
     @field_validator("prefix")
     @classmethod
@@ -159,11 +180,7 @@ class CommandChannel:
 
     def allows(self, plugin: str, command: str) -> bool:
         """True if ``commands.allow`` lists a pattern matching ``plugin.command``."""
-        for pattern in self.config.allow:
-            plugin_part, _, command_part = pattern.partition(".")
-            if fnmatchcase(plugin, plugin_part) and fnmatchcase(command, command_part):
-                return True
-        return False
+        return allowed(self.config.allow, plugin, command)
 
     # --- one message -----------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from gatewayd.events import Event, encode_json
 from gatewayd.mqtt import CONNECTED, MqttClient, MqttError, NotConnected, Will
 from gatewayd.sinks.base import Sink, SinkContext
 from gatewayd.sinks.mqtt_config import MqttSinkConfig, TopicTemplate, escape_level
+from gatewayd.sinks.thingsboard import ThingsBoardGateway
 
 __all__ = ["MqttSink", "MqttSinkConfig"]
 
@@ -182,6 +183,8 @@ class MqttSink(Sink):
                     f"Command channel: {field} (gatewayd.commands.mqtt.ChannelStats)",
                     lambda field=field: getattr(stats, field),
                 )
+        #: ``format: thingsboard``: ThingsBoard's gateway API instead of the gatewayd topics.
+        self.thingsboard = ThingsBoardGateway.for_sink(self) if config.thingsboard else None
 
     def _command_channel(self) -> CommandChannel | None:
         """The backend's command channel on this connection, when ``commands:`` is set."""
@@ -232,6 +235,8 @@ class MqttSink(Sink):
 
     def _make_client(self) -> _SinkClient:
         broker = self.config.broker
+        if self.thingsboard is not None:
+            broker = self.thingsboard.broker(broker)  # the token as username
         client = _SinkClient(
             self.context.reactor,
             broker,
@@ -307,10 +312,14 @@ class MqttSink(Sink):
         topics = [(self.channel.subscription, 1)] if self.channel is not None else []
         if self.config.watch_presence and self.context.presence is not None:
             topics.append((PRESENCE_FILTER, 1))
+        if self.thingsboard is not None:
+            topics.append((self.thingsboard.subscription, 1))
         return topics
 
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:
         """A command (the Deferred returned delays its ack) or another box's presence."""
+        if self.thingsboard is not None:
+            return self.thingsboard.handle(topic, payload, qos, retain)
         if topic.startswith("gatewayd/") and "/devices/" in topic:
             self._presence_seen(topic, payload)
             return None
@@ -349,6 +358,8 @@ class MqttSink(Sink):
 
     def messages(self, events: Sequence[Event]) -> list[Message]:
         """The batch as MQTT messages: events (one each, or arrays by topic), then presence."""
+        if self.thingsboard is not None:
+            return self.thingsboard.messages(events)
         config = self.config
         items = list(events)
         payloads = getattr(events, "payloads", None)  # the queued JSON texts, when given

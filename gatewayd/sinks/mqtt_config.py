@@ -27,6 +27,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from gatewayd.commands.mqtt import CommandsConfig
 from gatewayd.mqtt import BrokerConfig
 from gatewayd.schema import PositiveDuration, SinkConfig
+from gatewayd.sinks.thingsboard import ThingsBoardConfig, gatewayd_only, thingsboard_section
 
 __all__ = [
     "DEFAULT_TOPIC",
@@ -40,6 +41,8 @@ __all__ = [
 
 PLACEHOLDERS = ("gateway", "plugin", "protocol", "device", "type")
 DEFAULT_TOPIC = "gatewayd/{gateway}/events/{plugin}/{type}"
+#: Keys of the gatewayd topics, which must keep their defaults with ``format: thingsboard``.
+GATEWAYD_ONLY = ("topic", "retain", "payload", "watch_presence", "commands")
 #: How a missing or empty value (an event without a device) is written.
 MISSING = "-"
 
@@ -122,6 +125,8 @@ class MqttSinkConfig(SinkConfig):
 
     type: str = "mqtt"
     broker: MqttBrokerConfig = Field(default_factory=MqttBrokerConfig)
+    #: gatewayd: the topics below; thingsboard: ThingsBoard's gateway API (``thingsboard:``).
+    format: Literal["gatewayd", "thingsboard"] = "gatewayd"
     #: Topic of each event; placeholders {gateway} {plugin} {protocol} {device} {type}.
     topic: str = DEFAULT_TOPIC
     #: 1: a batch is acknowledged once the broker acknowledged every message. 0 can lose events.
@@ -139,6 +144,11 @@ class MqttSinkConfig(SinkConfig):
     #: Take the backend's commands from ``<prefix>/commands/+/+`` (``gatewayd.commands.mqtt``);
     #: null: none.
     commands: CommandsConfig | None = None
+    #: ``format: thingsboard``: the token, device names and RPC (``gatewayd.sinks.thingsboard``).
+    thingsboard: ThingsBoardConfig | None = None
+
+    _gatewayd_only = field_validator(*GATEWAYD_ONLY)(gatewayd_only)
+    _thingsboard = field_validator("thingsboard")(thingsboard_section)
 
     @field_validator("topic")
     @classmethod
