@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh Debian machine, then run lint and the tests.
 #   apt-get: mosquitto (MQTT broker for integration tests), socat (serial pty pairs),
-#            postgresql (initdb/postgres: each test runs a private server, never a system one)
+#            postgresql (initdb/postgres: each test runs a private server, never a system one),
+#            nats-server (a private three-node cluster with MQTT per test, never a system one)
 #   pip:     the package with its [test] extras, in ./.venv
 # Extra arguments go to pytest: scripts/test.sh -k queue -x
 set -euo pipefail
@@ -12,6 +13,7 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosqu
 command -v socat >/dev/null || missing+=(socat)
 command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
   || missing+=(postgresql)
+command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]} with apt-get" >&2

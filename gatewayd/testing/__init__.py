@@ -1,4 +1,4 @@
-"""What plugin authors need in their tests: a harness, free ports, a broker, PostgreSQL, a pty.
+"""What plugin authors need in their tests: a harness, free ports, brokers, PostgreSQL, a pty.
 
 ``PluginHarness`` runs one plugin with an in-memory ``EventCollector`` in place of the pipeline,
 so a test sees every event and can decide when an event becomes "durable". The pytest fixtures
@@ -27,6 +27,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from gatewayd.events import Event
 from gatewayd.plugin import Plugin, PluginContext
 from gatewayd.plugin import describe_validation_error as _describe
+from gatewayd.testing.nats import NatsCluster
 from gatewayd.testing.postgres import PostgresCluster
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "LineClient",
     "connect_line_client",
     "Mosquitto",
+    "NatsCluster",
     "PluginHarness",
     "PostgresCluster",
     "free_port",

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gatewayd.testing import Mosquitto, PostgresCluster, free_port, pty_pair
+from gatewayd.testing import Mosquitto, NatsCluster, PostgresCluster, free_port, pty_pair
 
 
 @pytest.fixture
@@ -30,6 +30,22 @@ def postgresql() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def nats_cluster() -> Iterator[NatsCluster]:
+    """Three nats-server nodes in one cluster with JetStream and MQTT (``stream_replicas: 3``)
+    on free loopback ports: ``.mqtt_ports``, ``.kill(i)``, ``.start_node(i)``; removed afterwards.
+    Skips the test when nats-server is not installed (``apt-get install nats-server``)."""
+    try:
+        cluster = NatsCluster(nodes=3, stream_replicas=3)
+    except RuntimeError as exc:
+        pytest.skip(f"{exc}; scripts/test.sh installs it")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
