@@ -493,3 +493,38 @@ async def test_what_nats_mqtt_refuses_dots_spaces_and_qos2(
             await sent.addTimeout(5, reactor)
     finally:
         await client.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_topic_escape_lets_the_default_topic_through_nats(
+    shared_nats: NatsCluster, tmp_path: Path
+) -> None:
+    """With ``topic_escape: ". "`` the default topic (ending in ``meter.reading``) and a device
+    id with a space and a dot reach a consumer through nats-server, whatever its version."""
+    n1, n2 = shared_nats.mqtt_ports[0], shared_nats.mqtt_ports[1]
+    consumer = await Consumer(n2, ("gatewayd/edge-esc/#",)).start()
+    sink = make_sink(
+        tmp_path,
+        n1,
+        gateway="edge-esc",
+        topic="gatewayd/{gateway}/events/{plugin}/{type}",
+        topic_escape=". ",
+    )
+    try:
+        await sink.open().addTimeout(10, reactor)
+        batch = events(20, gateway="edge-esc", device="Zähler 7.1")
+        batch.append(
+            Event(
+                type="device.online",
+                device="Zähler 7.1",
+                **{"gateway": "edge-esc", "plugin": "heating", "protocol": "heating"},
+            )
+        )
+        assert await sink.write(batch) == 22  # 21 events and one presence message
+        topic = "gatewayd/edge-esc/events/heating/meter%2Ereading"
+        await wait_until(lambda: len(consumer.on(topic)) == 20, timeout=30)
+        presence = "gatewayd/edge-esc/devices/heating/Zähler%207%2E1"
+        await wait_until(lambda: len(consumer.on(presence)) == 1, timeout=30)
+    finally:
+        await sink.close()
+        await consumer.client.stop()

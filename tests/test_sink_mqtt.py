@@ -587,3 +587,16 @@ async def test_a_steady_stream_survives_a_cut_link_each_event_once_by_id(tmp_pat
     print(f"{len(emitted)} events, {repeats} repeats, {runner.failures} failed attempts")
     assert repeats > 0  # what the broker had from the batch caught mid-way came again
     assert runner.delivered == len(emitted) and runner.failures >= 1
+
+
+def test_topic_escape_adds_characters_a_broker_refuses() -> None:
+    from gatewayd.sinks.mqtt_config import escape_level, unescape_level
+
+    assert escape_level("meter.reading", ". ") == "meter%2Ereading"
+    assert escape_level("Zähler 7.1/a%", ". ") == "Zähler%207%2E1%2Fa%25"
+    assert unescape_level(escape_level("Zähler 7.1/a%", ". ")) == "Zähler 7.1/a%"
+    assert escape_level("meter.reading") == "meter.reading"  # nothing extra by default
+    config = MqttSinkConfig(topic_escape=". ")
+    assert config.topic_escape == ". "
+    with pytest.raises(ValueError, match="cannot escape"):
+        MqttSinkConfig(topic_escape="%")

@@ -166,9 +166,10 @@ class MqttSink(Sink):
 
     def __init__(self, name: str, config: MqttSinkConfig, context: SinkContext) -> None:
         super().__init__(name, config, context)
-        self.topic = TopicTemplate(config.topic)
+        extra = config.topic_escape
+        self.topic = TopicTemplate(config.topic, extra)
         self.gateway = context.gateway_id
-        self.status_topic = f"gatewayd/{escape_level(self.gateway)}/status"
+        self.status_topic = f"gatewayd/{escape_level(self.gateway, extra)}/status"
         #: The broker link's gauges (``mqtt_connected``, ``mqtt_state``, ...), for /metrics.
         self.gauges = SinkGauges()
         self.client: _SinkClient | None = None
@@ -197,7 +198,7 @@ class MqttSink(Sink):
         return CommandChannel(
             dispatcher,
             dispatcher.store,
-            self.gateway,
+            escape_level(self.gateway, self.config.topic_escape),
             self.config.commands,
             self.publish,
             self.log,
@@ -383,9 +384,10 @@ class MqttSink(Sink):
 
     def _presence(self, event: Event, online: bool) -> Message:
         gateway = event.gateway or self.gateway
+        extra = self.config.topic_escape
         topic = "/".join(
-            ("gatewayd", escape_level(gateway), "devices")
-            + (escape_level(event.plugin), escape_level(event.device))
+            ("gatewayd", escape_level(gateway, extra), "devices")
+            + (escape_level(event.plugin, extra), escape_level(event.device, extra))
         )
         body = encode_json({"online": online, "since": event.ts, "gateway": gateway})
         return topic, body.encode(), self.config.qos, True

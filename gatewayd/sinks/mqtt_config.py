@@ -57,13 +57,21 @@ def _percent(match: re.Match[str]) -> str:
     return "".join(f"%{byte:02X}" for byte in raw)
 
 
-def escape_level(value: str | None) -> str:
-    """One value as a topic level: reversible (``unescape_level``), never a wildcard or ``/``."""
+def escape_level(value: str | None, extra: str = "") -> str:
+    """One value as a topic level: reversible (``unescape_level``), never a wildcard or ``/``.
+
+    ``extra``: more characters to percent-escape, for brokers that refuse them in topics
+    (nats-server before 2.10 refuses ``.`` and every version refuses a space: ``". "``).
+    """
     if not value:
         return MISSING
     if value == MISSING:
         return "%2D"
-    return _UNSAFE.sub(_percent, value)
+    escaped = _UNSAFE.sub(_percent, value)
+    for char in extra:  # after the standard ones, whose escapes hold no such character
+        if char in escaped:
+            escaped = escaped.replace(char, "".join(f"%{b:02X}" for b in char.encode()))
+    return escaped
 
 
 def unescape_level(level: str) -> str | None:
@@ -76,8 +84,9 @@ def unescape_level(level: str) -> str | None:
 class TopicTemplate:
     """A validated topic template, split once into literal text and placeholders."""
 
-    def __init__(self, template: str) -> None:
+    def __init__(self, template: str, extra: str = "") -> None:
         self.template = template
+        self.extra = extra  # characters escaped besides the standard ones (``topic_escape``)
         self.parts: list[tuple[str, str | None]] = []  # (literal text, placeholder or None)
         if not template:
             raise ValueError("the topic must not be empty")
@@ -108,7 +117,7 @@ class TopicTemplate:
                 value = getattr(event, name)
                 if name == "gateway":
                     value = value or gateway
-                out.append(escape_level(value))
+                out.append(escape_level(value, self.extra))
         return "".join(out)
 
 
@@ -136,6 +145,20 @@ class MqttSinkConfig(SinkConfig):
     payload: Literal["event", "batch"] = "event"
     #: QoS 1 messages sent and not yet acknowledged, at most (also paho's in-flight window).
     max_inflight: int = Field(100, ge=1, le=65535)
+    #: More characters to percent-escape in topic values, for brokers that refuse them: ``". "``
+    #: for nats-server before 2.10 (it refuses ``.``; every version refuses a space).
+    topic_escape: str = ""
+
+    @field_validator("topic_escape")
+    @classmethod
+    def _extra_characters(cls, value: str) -> str:
+        """Characters escaped anyway (``% + # /``, control characters) or alphanumerics are not
+        allowed here: the first would be escaped twice, the second would make topics unreadable."""
+        bad = sorted({c for c in value if _UNSAFE.match(c) or c.isalnum() or c in "-_"})
+        if bad:
+            raise ValueError(f"cannot escape {''.join(bad)!r} (give only characters like '. ')")
+        return value
+
     #: Subscribe to every box's presence (``gatewayd/+/devices/+/+``) so that a device that
     #: moved to another box is let go here (fleet deployments; see README "Fleet").
     watch_presence: bool = False
