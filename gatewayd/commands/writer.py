@@ -1,46 +1,11 @@
 """One thread for blocking writes, run in order: the request id store's disk I/O.
 
 The reactor thread never waits on disk (SQLite commits fsync); results come back to the reactor
-as Deferreds. The thread is a daemon thread and ``stop`` does not join it, so a write stuck on a
-stalled disk cannot hang the daemon's shutdown.
+as Deferreds. It is ``gatewayd.worker.Worker``, the blocking sinks' thread, under this name.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable
-from typing import Any
-
-from twisted.internet import defer
-from twisted.python.failure import Failure
+from gatewayd.worker import Worker as Writer
 
 __all__ = ["Writer"]
-
-
-class Writer:
-    """One daemon thread running calls in order; results come back on the reactor thread."""
-
-    def __init__(self, reactor: Any, name: str) -> None:
-        self._reactor = reactor
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def call(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._calls.put((function, args, d))
-        return d
-
-    def stop(self) -> None:
-        """End the thread after the calls already queued."""
-        self._calls.put(None)
-
-    def _run(self) -> None:
-        while (item := self._calls.get()) is not None:
-            function, args, d = item
-            try:
-                result = function(*args)
-            except BaseException:
-                self._reactor.callFromThread(d.errback, Failure())
-            else:
-                self._reactor.callFromThread(d.callback, result)

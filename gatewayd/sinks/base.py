@@ -9,8 +9,6 @@ idempotent per event ``id``: after a crash the last batch may be written again.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +16,10 @@ from typing import Any, ClassVar
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from gatewayd.events import Event
 from gatewayd.schema import SinkConfig
+from gatewayd.worker import Worker as _Worker  # the blocking sinks' thread
 
 
 @dataclass
@@ -137,31 +135,3 @@ class BlockingSink(Sink):
         d = worker.call(self.close_blocking)
         worker.stop()
         return d
-
-
-class _Worker:
-    """One daemon thread running calls in order; results come back on the reactor thread."""
-
-    def __init__(self, reactor: Any, name: str) -> None:
-        self._reactor = reactor
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
-
-    def call(self, function: Callable[..., Any], *args: Any) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self._calls.put((function, args, d))
-        return d
-
-    def stop(self) -> None:
-        """End the thread after the calls already queued."""
-        self._calls.put(None)
-
-    def _run(self) -> None:
-        while (item := self._calls.get()) is not None:
-            function, args, d = item
-            try:
-                result = function(*args)
-            except BaseException:
-                self._reactor.callFromThread(d.errback, Failure())
-            else:
-                self._reactor.callFromThread(d.callback, result)

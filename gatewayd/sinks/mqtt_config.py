@@ -16,9 +16,7 @@ Everything else (letters of any script, spaces, ``$``, ``.``) is kept as it is.
 
 from __future__ import annotations
 
-import difflib
 import re
-import string
 from typing import Any, Literal
 from urllib.parse import unquote
 
@@ -27,6 +25,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from gatewayd.commands.mqtt import CommandsConfig
 from gatewayd.mqtt import BrokerConfig
 from gatewayd.schema import PositiveDuration, SinkConfig
+from gatewayd.sinks.templates import PLACEHOLDERS, parse_placeholders
 from gatewayd.sinks.thingsboard import ThingsBoardConfig, gatewayd_only, thingsboard_section
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "unescape_level",
 ]
 
-PLACEHOLDERS = ("gateway", "plugin", "protocol", "device", "type")
 DEFAULT_TOPIC = "gatewayd/{gateway}/events/{plugin}/{type}"
 #: Keys of the gatewayd topics, which must keep their defaults with ``format: thingsboard``.
 GATEWAYD_ONLY = ("topic", "retain", "payload", "watch_presence", "commands")
@@ -94,19 +92,7 @@ class TopicTemplate:
             raise ValueError("a topic to publish to cannot hold + # or NUL")
         if template.startswith("$"):
             raise ValueError("topics starting with $ belong to the broker")
-        try:
-            parsed = list(string.Formatter().parse(template))
-        except ValueError as exc:
-            raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
-        for literal, name, spec, conversion in parsed:
-            if name is not None and name not in PLACEHOLDERS:
-                known = " ".join(f"{{{p}}}" for p in PLACEHOLDERS)
-                close = difflib.get_close_matches(name, PLACEHOLDERS, n=1)
-                hint = f"; did you mean {{{close[0]}}}?" if close else ""
-                raise ValueError(f"unknown placeholder {{{name}}} (known: {known}){hint}")
-            if spec or conversion:
-                raise ValueError(f"placeholder {{{name}}} takes no format or conversion")
-            self.parts.append((literal, name or None))
+        self.parts = parse_placeholders(template)
 
     def render(self, event: Any, gateway: str = "") -> str:
         """The topic of ``event``; ``gateway`` stands in for an event without one."""

@@ -28,9 +28,7 @@ device.
 
 from __future__ import annotations
 
-import difflib
 import math
-import string
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +46,7 @@ from gatewayd.events import Event, encode_json
 from gatewayd.jsonin import JsonInputError, loads_external
 from gatewayd.logsetup import LogThrottle
 from gatewayd.schema import ByteSize, ConfigModel, Secret
+from gatewayd.sinks.templates import parse_placeholders
 
 __all__ = [
     "CONNECT_TOPIC",
@@ -72,7 +71,6 @@ RPC_TOPIC = "v1/gateway/rpc"
 OWN_TELEMETRY_TOPIC = "v1/devices/me/telemetry"
 
 #: The placeholders of ``device_name`` and ``device_type`` (those of the topic template).
-PLACEHOLDERS = ("gateway", "plugin", "protocol", "device", "type")
 #: The command argument that names the device, by protocol (None: the commands take none).
 DEVICE_ARGUMENTS: dict[str, str | None] = {
     "powerbank": "imei",
@@ -103,19 +101,7 @@ class NameTemplate:
         self.parts: list[tuple[str, str | None]] = []
         if not template:
             raise ValueError("must not be empty")
-        try:
-            parsed = list(string.Formatter().parse(template))
-        except ValueError as exc:
-            raise ValueError(f"{exc} (write {{{{ and }}}} for literal braces)") from None
-        for literal, name, spec, conversion in parsed:
-            if name is not None and name not in PLACEHOLDERS:
-                known = " ".join(f"{{{p}}}" for p in PLACEHOLDERS)
-                close = difflib.get_close_matches(name, PLACEHOLDERS, n=1)
-                hint = f"; did you mean {{{close[0]}}}?" if close else ""
-                raise ValueError(f"unknown placeholder {{{name}}} (known: {known}){hint}")
-            if spec or conversion:
-                raise ValueError(f"placeholder {{{name}}} takes no format or conversion")
-            self.parts.append((literal, name or None))
+        self.parts = parse_placeholders(template)
 
     def render(self, event: Any, gateway: str = "") -> str:
         """The text for ``event``; ``gateway`` stands in for an event without one."""
