@@ -607,6 +607,15 @@ class HeatingPlugin(Plugin):
 
     # --- devices ---------------------------------------------------------------------------
 
+    def device_elsewhere(self, device: str, gateway: str, since: float) -> None:
+        """A heating gateway another box now hears (it moved to another broker's client):
+        offline here, said once, so that presence follows it."""
+        moved = self.registry.moved_elsewhere(device, since)
+        if moved is None:
+            return
+        self.context.record("device.offline", device, {"reason": f"moved to box {gateway}"})
+        self.log.info("gateway {gw_id} is heard by box {box} now", gw_id=device, box=gateway)
+
     def devices_online(self) -> int:
         """Online gateways and their meters, counted without listing every meter."""
         return sum(1 + len(g.meters) for g in self.registry.gateways.values() if g.online)

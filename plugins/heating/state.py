@@ -48,6 +48,7 @@ class Gateway:
     online: bool = False
     last_seen: float = 0.0  # reactor seconds
     last_seen_wall: float | None = None  # POSIX time, for /api/v1/devices
+    online_since_wall: float | None = None  # POSIX time it last came online here
     polled_at: float | None = None  # reactor seconds of our last unsolicited status request
     status: dict[str, Any] = field(default_factory=dict)
     periods: dict[str, Any] = field(default_factory=dict)
@@ -86,7 +87,20 @@ class GatewayRegistry:
         gateway.online = True
         gateway.last_seen = self.clock.seconds()
         gateway.last_seen_wall = time.time()
+        if came_online is not None:
+            gateway.online_since_wall = gateway.last_seen_wall
         return gateway, came_online
+
+    def moved_elsewhere(self, gw_id: str, since: float) -> Gateway | None:
+        """Another box announced ``gw_id`` online at ``since`` (POSIX): if it came online here
+        earlier, it is offline here now; returns it then, else None."""
+        gateway = self.gateways.get(gw_id)
+        if gateway is None or not gateway.online or gateway.online_since_wall is None:
+            return None
+        if gateway.online_since_wall >= since:
+            return None  # ours is the newer: the other box will let go
+        gateway.online = False
+        return gateway
 
     def went_offline(self, gw_id: str) -> bool:
         """Mark ``gw_id`` offline (its last will); True if that is a change worth an event."""

@@ -858,3 +858,19 @@ def test_config_file_with_password_file_and_env(tmp_path, monkeypatch):
     assert config.broker.password.get_secret_value() == "hunter2"
     assert config.offline_after == 2700.0
     assert "hunter2" not in repr(config) and "hunter2" not in config.model_dump_json()
+
+
+def test_a_gateway_another_box_hears_later_goes_offline_here_once():
+    import time
+
+    harness, clock, link = make()
+    link.deliver(STATUS_REPORT)
+    gw_id = next(iter(harness.plugin.registry.gateways))
+    came = harness.plugin.registry.gateways[gw_id].online_since_wall
+    harness.plugin.device_elsewhere(gw_id, "box-b", since=came - 5)  # ours is newer: kept
+    assert harness.plugin.registry.gateways[gw_id].online
+    harness.plugin.device_elsewhere(gw_id, "box-b", since=time.time() + 1)
+    harness.plugin.device_elsewhere(gw_id, "box-b", since=time.time() + 2)  # said once
+    assert not harness.plugin.registry.gateways[gw_id].online
+    assert data_of(harness, "device.offline") == [{"reason": "moved to box box-b"}]
+    harness.plugin.device_elsewhere("unknown", "box-b", since=time.time())  # nothing to do
