@@ -57,7 +57,15 @@ from twisted.python import threadable
 from zope.interface import implementer
 
 from gatewayd.logsetup import LogThrottle
-from gatewayd.schema import ConfigModel, Duration, PositiveDuration, Secret, at_least
+from gatewayd.schema import (
+    ConfigModel,
+    Duration,
+    HostPort,
+    PositiveDuration,
+    Secret,
+    at_least,
+    split_host_port,
+)
 
 __all__ = [
     "CONNECTED",
@@ -119,6 +127,9 @@ class BrokerConfig(ConfigModel):
 
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
+    #: Other nodes of a clustered broker (``HOST:PORT``), tried in turn after a failed connect or
+    #: a lost connection: the client fails over instead of waiting for its node to come back.
+    fallbacks: list[HostPort] = Field(default_factory=list)
     #: null: the user of the client chooses one (the heating plugin: gatewayd-<host>-<instance>).
     client_id: str | None = None
     username: str | None = None
@@ -328,6 +339,11 @@ class MqttClient:
     ) -> None:
         self.reactor = reactor
         self.config = config
+        #: host:port of the broker and its fallbacks; the client connects to the current one.
+        self._addresses = [(config.host, config.port)] + [
+            split_host_port(address) for address in config.fallbacks
+        ]
+        self._address_index = 0
         self.client_id = client_id or config.client_id
         if not self.client_id:
             raise ValueError("an MQTT client needs a client_id")
@@ -383,7 +399,8 @@ class MqttClient:
     @property
     def address(self) -> str:
         """``host:port`` of the broker (for logs and health output)."""
-        return f"{self.config.host}:{self.config.port}"
+        host, port = self._addresses[self._address_index]
+        return f"{host}:{port}"
 
     def start(self) -> None:
         """Begin connecting (in the background). Raises at once only for a bad TLS setup."""
@@ -588,6 +605,10 @@ class MqttClient:
         self._set_state(CONNECTING)
         self.stats.connect_attempts += 1
         client = self._client
+        if len(self._addresses) > 1:
+            # paho's host/port setters refuse while its state says "connection lost", but the
+            # socket is closed here and reconnect() reads these two (paho < 3, as pinned).
+            client._host, client._port = self._addresses[self._address_index]
         d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), client.reconnect)
         self._connecting = d
         d.addCallbacks(self._socket_open, self._connect_failed)
@@ -638,6 +659,7 @@ class MqttClient:
             error=message,
             delay=delay,
         )
+        self._next_address()
         self._schedule_reconnect(delay)
 
     def _next_delay(self) -> float:
@@ -930,6 +952,10 @@ class MqttClient:
         self._close_socket()
         self._lost(reason)
 
+    def _next_address(self) -> None:
+        """After a failure, the next connect goes to the next node (with fallbacks)."""
+        self._address_index = (self._address_index + 1) % len(self._addresses)
+
     def _lost(self, reason: str) -> None:
         if self.state == STOPPED:
             return
@@ -957,6 +983,7 @@ class MqttClient:
             reason=reason,
             delay=delay,
         )
+        self._next_address()
         self._schedule_reconnect(delay)
 
     def _unregister(self) -> None:

@@ -145,11 +145,13 @@ class Stream:
     """``rate`` events/s into Pipeline → QueueStore → SinkRunner → MqttSink, as the daemon runs
     them; ``emitted`` are the ids whose emit() fired (durable in the queue)."""
 
-    def __init__(self, tmp_path: Path, port: int, rate: int = 200) -> None:
+    def __init__(
+        self, tmp_path: Path, port: int, rate: int = 200, fallbacks: tuple[str, ...] = ()
+    ) -> None:
         self.store = QueueStore(tmp_path / "queues", reactor)
         self.config = MqttSinkConfig.model_validate(
             {
-                "broker": {"port": port, **FAST},
+                "broker": {"port": port, "fallbacks": list(fallbacks), **FAST},
                 "topic": NATS_TOPIC,
                 "batch_size": 100,
                 "write_timeout": 5,
@@ -527,4 +529,37 @@ async def test_topic_escape_lets_the_default_topic_through_nats(
         await wait_until(lambda: len(consumer.on(presence)) == 1, timeout=30)
     finally:
         await sink.close()
+        await consumer.client.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_fallbacks_the_sink_fails_over_to_another_node(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """broker.fallbacks: the sink on n1 with n2 as a fallback; n1 is killed under a stream and
+    stays dead. The sink reconnects to n2 and goes on delivering; the consumer on n3 gets every
+    event that was emitted."""
+    n1, n2, n3 = nats_cluster.mqtt_ports
+    consumer = await Consumer(n3, ("gatewayd/+/events/#",)).start()
+    stream = Stream(tmp_path, n1, rate=100, fallbacks=(f"127.0.0.1:{n2}",))
+    try:
+        await stream.open()
+        stream.start()
+        await sleep(2.0)
+        nats_cluster.kill(0)
+        await wait_until(lambda: stream.runner.state == "retrying", timeout=10)
+        await wait_until(
+            lambda: (
+                stream.sink.client is not None
+                and stream.sink.client.connected
+                and stream.sink.client.address.endswith(f":{n2}")
+            ),
+            timeout=20,
+        )
+        await sleep(2.0)  # delivering through n2 while n1 is dead
+        await stream.stop_emitting()
+        await wait_until(lambda: stream.runner.delivered >= len(stream.emitted), timeout=60)
+        await wait_until(lambda: set(consumer.ids()) >= set(stream.emitted), timeout=30)
+    finally:
+        await stream.close()
         await consumer.client.stop()

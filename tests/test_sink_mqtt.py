@@ -600,3 +600,10 @@ def test_topic_escape_adds_characters_a_broker_refuses() -> None:
     assert config.topic_escape == ". "
     with pytest.raises(ValueError, match="cannot escape"):
         MqttSinkConfig(topic_escape="%")
+
+
+def test_broker_fallbacks_are_host_port_pairs() -> None:
+    config = MqttSinkConfig.model_validate({"broker": {"fallbacks": ["n2:1883", "[::1]:1884"]}})
+    assert config.broker.fallbacks == ["n2:1883", "[::1]:1884"]
+    with pytest.raises(ValueError, match="host:port"):
+        MqttSinkConfig.model_validate({"broker": {"fallbacks": ["n2"]}})
