@@ -62,6 +62,7 @@ from gatewayd.schema import (
     Duration,
     HostPort,
     PositiveDuration,
+    ReadableFile,
     Secret,
     at_least,
     split_host_port,
@@ -102,24 +103,12 @@ class TlsConfig(ConfigModel):
     """TLS towards the broker: CA bundle, optional client certificate."""
 
     #: PEM file of the CAs that sign the broker's certificate; null: the system's CAs.
-    ca_file: str | None = None
+    ca_file: ReadableFile | None = None
     #: PEM client certificate and its key, for brokers that authenticate clients by certificate.
-    cert_file: str | None = None
-    key_file: str | None = None
+    cert_file: ReadableFile | None = None
+    key_file: ReadableFile | None = None
     #: true skips the check of the broker's host name against its certificate (testing only).
     insecure: bool = False
-
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _readable(cls, value: str | None) -> str | None:
-        """A missing or unreadable file is a config error (check-config), not a failed start."""
-        if value is not None:
-            try:
-                with open(value, "rb"):
-                    pass
-            except OSError as exc:
-                raise ValueError(f"cannot read {value}: {exc.strerror}") from None
-        return value
 
 
 class BrokerConfig(ConfigModel):

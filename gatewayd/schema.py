@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -177,7 +178,19 @@ def at_least(other: str) -> Callable[[Any, float, ValidationInfo], float]:
     return check
 
 
+def check_readable(path: str) -> str:
+    """A file named in the config must be readable now: a config error, not a failed start."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
 HostPort = Annotated[str, BeforeValidator(parse_host_port)]
+#: A path to a file that must be readable when the config is checked (TLS CAs, certificates).
+ReadableFile = Annotated[str, AfterValidator(check_readable)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_positive_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_byte_size)]

@@ -58,7 +58,7 @@ from zope.interface import implementer
 
 from gatewayd.events import Event
 from gatewayd.files import private_dir, private_opener
-from gatewayd.schema import PositiveDuration, Secret, SinkConfig
+from gatewayd.schema import PositiveDuration, ReadableFile, Secret, SinkConfig
 from gatewayd.sinks.base import Sink, SinkContext, _Worker
 from gatewayd.sinks.jsonl import _ends_with_newline, _fsync_directory
 
@@ -103,10 +103,10 @@ class HttpSink(Sink):
         username: str | None = None
         password: Secret | None = None
         #: PEM CAs that sign the server's certificate (default: the system's CAs).
-        ca_file: str | None = None
+        ca_file: ReadableFile | None = None
         #: PEM client certificate, and its key when that is not in ``cert_file``.
-        cert_file: str | None = None
-        key_file: str | None = None
+        cert_file: ReadableFile | None = None
+        key_file: ReadableFile | None = None
         #: From sending a request to the end of its answer (connect included).
         timeout: PositiveDuration = 10.0
         #: 4xx statuses to retry instead of dead-lettering (e.g. ``[401, 403]``).
@@ -147,17 +147,6 @@ class HttpSink(Sink):
         def _client_errors(cls, value: list[int]) -> list[int]:
             if any(not 400 <= status <= 499 for status in value):
                 raise ValueError("only 4xx statuses (408, 429 and 5xx are always retried)")
-            return value
-
-        @field_validator("ca_file", "cert_file", "key_file")
-        @classmethod
-        def _readable(cls, value: str | None) -> str | None:
-            if value is not None:
-                try:
-                    with open(value, "rb"):
-                        pass
-                except OSError as exc:
-                    raise ValueError(f"cannot read {value}: {exc.strerror}") from None
             return value
 
         @model_validator(mode="after")
