@@ -26,6 +26,8 @@ __all__ = [
     "NotPrivateError",
     "check_private",
     "create_private_file",
+    "ends_with_newline",
+    "fsync_directory",
     "private_dir",
     "private_opener",
     "read_private_text",
@@ -138,3 +140,20 @@ def tighten(paths: Iterable[Path], *, follow: Iterable[Path] = ()) -> tuple[int,
             continue
         changed += 1
     return changed, failed
+
+
+def ends_with_newline(path: Path) -> bool:
+    """True if the (non-empty) file at ``path`` ends in a newline: a line file whose last line
+    a crash cut short does not."""
+    with open(path, "rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) == b"\n"
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new file's name durable (POSIX)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -57,10 +57,10 @@ from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from gatewayd.events import Event
-from gatewayd.files import private_dir, private_opener
+from gatewayd.files import ends_with_newline, fsync_directory, private_dir, private_opener
 from gatewayd.schema import PositiveDuration, ReadableFile, Secret, SinkConfig
-from gatewayd.sinks.base import Sink, SinkContext, _Worker
-from gatewayd.sinks.jsonl import _ends_with_newline, _fsync_directory
+from gatewayd.sinks.base import Sink, SinkContext
+from gatewayd.worker import Worker
 
 __all__ = ["HttpSink", "HttpError", "parse_retry_after"]
 
@@ -177,7 +177,7 @@ class HttpSink(Sink):
         )
         self._host = urlsplit(self.config.url).netloc
         self._headers, self._secrets = self._fixed_headers()
-        self._worker: _Worker | None = None
+        self._worker: Worker | None = None
         self._pool: HTTPConnectionPool | None = None
         self._client: HTTPClient | None = None
 
@@ -215,7 +215,7 @@ class HttpSink(Sink):
         if self._pool is not None:  # an open retried after a failure
             self._pool.closeCachedConnections()
         if self._worker is None:
-            self._worker = _Worker(reactor, f"gatewayd-sink-{self.name}")
+            self._worker = Worker(reactor, f"gatewayd-sink-{self.name}")
         config = self.config
         policy = None
         if config.ca_file or config.cert_file:
@@ -355,13 +355,13 @@ class HttpSink(Sink):
         private_dir(path.parent)
         created = not path.exists()
         with open(path, "ab", opener=private_opener) as file:
-            if file.tell() and not _ends_with_newline(path):
+            if file.tell() and not ends_with_newline(path):
                 file.write(b"\n")  # a line cut short by a crash
             file.write(orjson.dumps(record) + b"\n")
             file.flush()
             os.fsync(file.fileno())
         if created:
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
 
 
 @implementer(IPolicyForHTTPS)

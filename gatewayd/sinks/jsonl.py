@@ -19,7 +19,7 @@ from typing import IO
 from pydantic import Field
 
 from gatewayd.events import Event
-from gatewayd.files import private_dir, private_opener
+from gatewayd.files import ends_with_newline, fsync_directory, private_dir, private_opener
 from gatewayd.schema import ByteSize, SinkConfig
 from gatewayd.sinks.base import BlockingSink
 
@@ -46,7 +46,7 @@ class JsonlSink(BlockingSink):
         private_dir(self.path.parent)
         self._file: IO[bytes] | None = open(self.path, "ab", opener=private_opener)  # noqa: SIM115
         self._size = self._file.tell()
-        if self._size and not _ends_with_newline(self.path):
+        if self._size and not ends_with_newline(self.path):
             self._file.write(b"\n")
             self._size += 1
 
@@ -100,7 +100,7 @@ class JsonlSink(BlockingSink):
             os.replace(self.path, self._numbered(1))
         self._file = open(self.path, "ab", opener=private_opener)  # noqa: SIM115 (kept open)
         self._size = 0
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
 
     def _numbered(self, n: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{n}")
@@ -109,18 +109,3 @@ class JsonlSink(BlockingSink):
         if getattr(self, "_file", None) is not None:
             self._file.close()
             self._file = None
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable (POSIX)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
