@@ -25,7 +25,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from gatewayd.commands.mqtt import CommandsConfig
 from gatewayd.mqtt import BrokerConfig
 from gatewayd.schema import PositiveDuration, SinkConfig
-from gatewayd.sinks.templates import PLACEHOLDERS, parse_placeholders
+from gatewayd.sinks.templates import PLACEHOLDERS, fill, parse_placeholders
 from gatewayd.sinks.thingsboard import ThingsBoardConfig, gatewayd_only, thingsboard_section
 
 __all__ = [
@@ -96,15 +96,8 @@ class TopicTemplate:
 
     def render(self, event: Any, gateway: str = "") -> str:
         """The topic of ``event``; ``gateway`` stands in for an event without one."""
-        out = []
-        for literal, name in self.parts:
-            out.append(literal)
-            if name is not None:
-                value = getattr(event, name)
-                if name == "gateway":
-                    value = value or gateway
-                out.append(escape_level(value, self.extra))
-        return "".join(out)
+        extra = self.extra
+        return fill(self.parts, event, gateway, lambda value: escape_level(value, extra))
 
 
 class MqttBrokerConfig(BrokerConfig):

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import difflib
 import string
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["PLACEHOLDERS", "parse_placeholders"]
+__all__ = ["PLACEHOLDERS", "fill", "parse_placeholders"]
 
 #: The event fields a template may name.
 PLACEHOLDERS = ("gateway", "plugin", "protocol", "device", "type")
@@ -30,3 +32,22 @@ def parse_placeholders(template: str) -> list[tuple[str, str | None]]:
             raise ValueError(f"placeholder {{{name}}} takes no format or conversion")
         parts.append((literal, name or None))
     return parts
+
+
+def fill(
+    parts: list[tuple[str, str | None]],
+    event: Any,
+    gateway: str,
+    convert: Callable[[str | None], str],
+) -> str:
+    """The text of ``parts`` for ``event``, each field's value through ``convert``; ``gateway``
+    stands in for an event without one."""
+    out = []
+    for literal, name in parts:
+        out.append(literal)
+        if name is not None:
+            value = getattr(event, name)
+            if name == "gateway":
+                value = value or gateway
+            out.append(convert(value))
+    return "".join(out)

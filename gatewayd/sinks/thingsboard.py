@@ -46,7 +46,7 @@ from gatewayd.events import Event, encode_json
 from gatewayd.jsonin import JsonInputError, loads_external
 from gatewayd.logsetup import LogThrottle
 from gatewayd.schema import ByteSize, ConfigModel, Secret
-from gatewayd.sinks.templates import parse_placeholders
+from gatewayd.sinks.templates import fill, parse_placeholders
 
 __all__ = [
     "CONNECT_TOPIC",
@@ -105,13 +105,7 @@ class NameTemplate:
 
     def render(self, event: Any, gateway: str = "") -> str:
         """The text for ``event``; ``gateway`` stands in for an event without one."""
-        out = []
-        for literal, name in self.parts:
-            out.append(literal)
-            if name is not None:
-                value = getattr(event, name) or (gateway if name == "gateway" else "")
-                out.append(value or "")
-        return "".join(out)
+        return fill(self.parts, event, gateway, lambda value: value or "")
 
 
 class ThingsBoardConfig(ConfigModel):
