@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from gatewayd.testing.processes import signal_and_wait
+
 __all__ = ["NatsCluster", "find_nats_server", "mqtt_connack", "nats_server_version"]
 
 
@@ -285,14 +287,7 @@ class NatsCluster:
 
     def _signal(self, index: int, signum: int, timeout: float = 10.0) -> None:
         process, self.processes[index] = self.processes[index], None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signum)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        signal_and_wait(process, signum, timeout)
 
 
 def _value(value: Any) -> str:

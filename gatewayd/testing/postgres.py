@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gatewayd.testing.processes import signal_and_wait
+
 __all__ = ["PostgresCluster", "find_postgres_bindir"]
 
 _BINARIES = ("initdb", "postgres")
@@ -202,14 +204,7 @@ class PostgresCluster:
 
     def _signal(self, signum: int, timeout: float) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signum)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()  # its children notice the postmaster's death and exit
-            process.wait()
+        signal_and_wait(process, signum, timeout)  # killed, its children see the postmaster go
 
     def _give(self, path: Path) -> None:
         """Hand a path to the cluster's owner (only needed, and only possible, as root)."""
