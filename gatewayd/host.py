@@ -64,6 +64,8 @@ class PluginHost:
         self.error: str | None = None
         self.plugin: Plugin | None = None
         self.attempts = 0
+        #: Times the supervisor restarted the plugin after a runtime failure (``restart``).
+        self.restarts = 0
         self._retry_call: Any = None
         self.context = PluginContext(
             name=name,

@@ -232,6 +232,7 @@ class PluginMetrics:
     ``gauges`` holds extra per-plugin figures as callables (for example a queue length).
     """
 
+    events: int = 0  # emitted by the plugin (every type)
     frames_in: int = 0
     frames_out: int = 0
     frames_invalid: int = 0
@@ -323,8 +324,10 @@ class PluginContext:
             protocol=self.protocol,
             key=self._key(key, window) if key is not None else None,
         )
+        metrics = self.metrics
+        metrics.events += 1
         if type == "frame.invalid":
-            self.metrics.frames_invalid += 1
+            metrics.frames_invalid += 1
         return self._sink(event)
 
     def record(

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import os
 import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from gatewayd.delivery import SinkRunner
 from gatewayd.events import Event
 from gatewayd.files import private_dir, read_private_text, tighten
 from gatewayd.health import box_status
+from gatewayd.history import History
 from gatewayd.host import PluginHost
 from gatewayd.pipeline import Pipeline
 from gatewayd.queue import QueueStore, stranded_queues
@@ -33,6 +37,11 @@ from gatewayd.sdnotify import Notifier
 from gatewayd.sinks.base import SinkContext
 
 log = Logger(namespace="gatewayd.daemon")
+
+
+def iso_seconds(timestamp: float) -> str:
+    """POSIX seconds as ISO 8601 UTC to the second."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 _COMPANION = re.compile(r"(-wal|-shm|-journal|\.\d+)?")
@@ -97,6 +106,15 @@ class Daemon:
         self._lag = ReactorLagMeter(reactor)
         self._watchdog: task.LoopingCall | None = None
         self._stopping: defer.Deferred | None = None
+        #: Wall-clock time the daemon started and its config was (re)loaded, for the status.
+        self.started_at = time.time()
+        self.loaded_at = self.started_at
+        #: The outcome of the last reload (None before the first): see ``config_status``.
+        self.last_reload: dict[str, Any] | None = None
+        #: Callbacks that see every event as it is routed (the event stream of the API).
+        self._event_watchers: list[Callable[[Event], None]] = []
+        #: Rates and queue depths of the last hour, sampled in memory (the status page charts).
+        self.history = History(self, reactor)
 
     def _warn_of_stranded_queues(self) -> None:
         directory = self.state_dir / "queues"
@@ -199,9 +217,35 @@ class Daemon:
         """The status the fleet sees (``gatewayd/{gateway}/status``): see gatewayd.health."""
         return box_status(self, self.reactor.seconds(), online)
 
+    def config_status(self) -> dict[str, Any]:
+        """The config as ``/health`` and the status show it: file, when loaded, last reload."""
+        return {
+            "path": str(self.config.path),
+            "loaded_at": iso_seconds(self.loaded_at),
+            "last_reload": self.last_reload,
+        }
+
+    def watch_events(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event routed from now on; returns the function
+        that stops it. A callback must be cheap and must not raise (it runs in ``emit``)."""
+        self._event_watchers.append(callback)
+
+        def unwatch() -> None:
+            if callback in self._event_watchers:
+                self._event_watchers.remove(callback)
+
+        return unwatch
+
     def emit(self, event: Event) -> defer.Deferred:
         """Route one event; fires when it is durable in every queue it went to."""
         assert self.pipeline is not None, "emit before start"
+        if self._event_watchers:
+            for watcher in tuple(self._event_watchers):
+                try:
+                    watcher(event)
+                except Exception:
+                    log.failure("an event watcher failed; it is removed")
+                    self._event_watchers.remove(watcher)
         return self.pipeline.emit(event)
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -268,6 +312,7 @@ class Daemon:
         status = f"{running}/{len(self.plugins)} plugins running, {len(self.sinks)} sinks"
         self.notifier.notify(READY="1", STATUS=status)
         self._start_watchdog()
+        self.history.start()
         log.info("gatewayd {gateway} ready: {status}", gateway=self.gateway_id, status=status)
 
     def _start_watchdog(self) -> None:
@@ -314,5 +359,6 @@ class Daemon:
         await self.command_store.close()  # after the sinks: answers of late commands recorded
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
+        self.history.stop()
         self._lag.stop()
         log.info("gatewayd {gateway} stopped", gateway=self.gateway_id)

@@ -6,12 +6,16 @@ from typing import Any
 
 from twisted.web import server
 
+from gatewayd.api import page
 from gatewayd.api.base import ApiState, JsonResource
 from gatewayd.api.channel import ApiRequest, ApiSite
 from gatewayd.api.common import encode_json, log, respond
 from gatewayd.api.devices import DevicesResource
+from gatewayd.api.events import EventsResource
 from gatewayd.api.health import HealthResource, MetricsResource
 from gatewayd.api.plugins import PluginsResource
+from gatewayd.api.reload import ReloadResource
+from gatewayd.api.status import HistoryResource, StatusResource
 from gatewayd.config_model import ApiSection
 from gatewayd.schema import is_loopback, split_host_port
 
@@ -57,11 +61,18 @@ class RootResource(JsonResource):
         v1 = JsonResource(api)
         v1.putChild(b"devices", DevicesResource(api))
         v1.putChild(b"plugins", PluginsResource(api))
+        v1.putChild(b"status", StatusResource(api))
+        v1.putChild(b"history", HistoryResource(api))
+        v1.putChild(b"events", EventsResource(api))
+        v1.putChild(b"reload", ReloadResource(api))
         api_root = JsonResource(api)
         api_root.putChild(b"v1", v1)
         self.putChild(b"api", api_root)
+        self.putChild(b"ui", page.static_files())
 
     def render_GET(self, request: server.Request) -> bytes:
+        if page.wants_html(request):  # a browser: the status page
+            return page.render_index(request)
         endpoints = [
             "GET /health",
             "GET /metrics",
