@@ -507,10 +507,23 @@ def test_token_required_for_post(serve):
 
 
 @pytest_twisted.inlineCallbacks
-def test_gets_are_open_when_a_token_is_set(serve):
+def test_health_and_metrics_are_open_and_api_v1_gets_need_the_token(serve):
     served = serve(token=TOKEN)
-    for path in ("/health", "/metrics", "/api/v1/devices", "/api/v1/plugins"):
+    for path in ("/health", "/metrics", "/"):
         status, _, _ = yield http(b"GET", served.url(path))
+        assert status == 200, path
+    bearer = {b"authorization": f"Bearer {TOKEN}".encode()}
+    wrong = {b"authorization": b"Bearer wrong-token"}
+    paths = ("/api/v1/devices", "/api/v1/plugins", "/api/v1/status", "/api/v1/history")
+    for path in paths + ("/api/v1", "/api/v1/", "/api/v1/nope", "/api/v1/plugins/nope"):
+        status, headers, data = yield http(b"GET", served.url(path))
+        assert status == 401, path
+        assert headers.getRawHeaders(b"www-authenticate") == [b'Bearer realm="gatewayd"']
+        assert_error(json.loads(data), "unauthorized", "Authorization: Bearer")
+        status, _, data = yield http(b"GET", served.url(path), headers=wrong)
+        assert status == 403, path
+    for path in paths:
+        status, _, _ = yield http(b"GET", served.url(path), headers=bearer)
         assert status == 200, path
 
 
@@ -730,6 +743,39 @@ def test_devices_filtered_by_online(tmp_path, serve):
     status, _, data = yield http(b"GET", served.url("/api/v1/devices?online=1&limit=10000"))
     online = json.loads(data)["devices"]
     assert all(d["online"] for d in online) and len(online) == 1 + 2500 - len(offline)
+
+
+@pytest_twisted.inlineCallbacks
+def test_devices_search_matches_part_of_the_id_ignoring_case_and_pages_after(tmp_path, serve):
+    from twisted.internet import reactor
+
+    served = serve()
+    served.daemon.plugins["fleet"] = cabinet_host("fleet", reactor, tmp_path, kind=Fleet)
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices?search=0000000000"))
+    body = json.loads(data)
+    assert status == 200
+    assert [d["id"] for d in body["devices"]] == ["860000000000001", "860000000000002"]
+    url = "/api/v1/devices?plugin=fleet&search=99&limit=10"
+    status, _, data = yield http(b"GET", served.url(url))
+    body = json.loads(data)
+    expected = [f"{n:06d}" for n in range(2500) if "99" in f"{n:06d}"]
+    assert [d["id"] for d in body["devices"]] == expected[:10] and body["next_offset"] == 10
+    status, _, data = yield http(b"GET", served.url(url + "&offset=40"))
+    body = json.loads(data)
+    assert [d["id"] for d in body["devices"]] == expected[40:50]
+
+    class Named(Cabinet):
+        def devices(self):
+            return [Device("Reader-North", True, None), Device("reader-south", True, None)]
+
+    served.daemon.plugins["esam"] = cabinet_host("esam", reactor, tmp_path, kind=Named)
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices?search=READER"))
+    assert [d["id"] for d in json.loads(data)["devices"]] == ["Reader-North", "reader-south"]
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices?search=nothing-like-it"))
+    assert json.loads(data)["devices"] == []
+    status, _, data = yield http(b"GET", served.url("/api/v1/devices?search=a&search=b"))
+    assert status == 400
+    assert_error(json.loads(data), "bad_request", "'search'", "more than once")
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,10 @@
-"""What every resource builds on: the API state (daemon view, token check) and the JSON resource."""
+"""What every resource builds on: the API state (daemon view, token check, open event streams), the
+JSON resource, and the token-protected parent of ``/api/v1``."""
 
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -14,10 +15,20 @@ from gatewayd.config_model import ApiSection
 from gatewayd.metrics import MetricsRenderer
 
 
+class OpenStream(Protocol):
+    """An open long-lived answer (an event stream) the API can end when the daemon stops."""
+
+    def close(self, reason: str) -> None: ...
+
+
 class ApiState:
     """What every resource needs: the daemon view, the api config, the metrics renderer and the
     command dispatcher (the daemon's ``commands``, shared with the MQTT command channel; a
-    daemon view without one gets its own, without an idempotency store)."""
+    daemon view without one gets its own, without an idempotency store).
+
+    ``streams`` holds the open event streams: ``api.max_streams`` bounds it, and
+    ``close_streams()`` ends them (stopping the listening port leaves open connections open).
+    """
 
     def __init__(self, daemon: Any, config: ApiSection) -> None:
         self.daemon = daemon
@@ -27,6 +38,13 @@ class ApiState:
         if commands is None:
             commands = CommandDispatcher(daemon, command_timeout=config.command_timeout)
         self.commands: CommandDispatcher = commands
+        self.streams: set[OpenStream] = set()
+
+    def close_streams(self, reason: str = "gatewayd is stopping") -> None:
+        """End every open event stream, telling each client ``reason`` (the daemon's stop)."""
+        for stream in list(self.streams):
+            stream.close(reason)
+        self.streams.clear()
 
     def authorize(self, request: server.Request) -> None:
         """Raise 401/403 unless the request carries the configured bearer token (if any)."""
@@ -110,3 +128,37 @@ class NotFoundResource(JsonResource):
     def render(self, request: server.Request) -> bytes:
         path = request.path.decode("utf-8", "replace")
         return respond_error(request, HttpError(404, "not_found", f"no such endpoint: {path}"))
+
+
+class ErrorResource(JsonResource):
+    """A leaf that answers one error whatever the method (a refusal found during traversal)."""
+
+    isLeaf = True
+
+    def __init__(self, api: ApiState, error: HttpError) -> None:
+        super().__init__(api)
+        self.error = error
+
+    def render(self, request: server.Request) -> bytes:
+        return respond_error(request, self.error)
+
+
+class ProtectedResource(JsonResource):
+    """``/api/v1``: every request below it, GET included, needs the bearer token when one is
+    configured (401 without, 403 wrong), checked before anything else so nothing (plugin names,
+    device ids, events) can be probed without it. ``/health``, ``/metrics``, ``/`` and ``/ui``
+    are outside it and stay open for systemd, monitoring and Prometheus."""
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> Resource:
+        try:
+            self.api.authorize(request)
+        except HttpError as error:
+            return ErrorResource(self.api, error)
+        return super().getChildWithDefault(path, request)
+
+    def render(self, request: server.Request) -> Any:
+        try:
+            self.api.authorize(request)
+        except HttpError as error:
+            return respond_error(request, error)
+        return super().render(request)

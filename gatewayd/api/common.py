@@ -63,7 +63,22 @@ def iso_utc(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="microseconds")
 
 
-def _query_value(request: server.Request, name: str) -> str | None:
+def check_arguments(request: server.Request, accepted: tuple[str, ...]) -> None:
+    """400 naming every query argument not in ``accepted`` (a typo must not widen a filter)."""
+    unknown = sorted(
+        name
+        for name in (key.decode("utf-8", "replace") for key in request.args)
+        if name not in accepted
+    )
+    if unknown:
+        raise HttpError(
+            400,
+            "bad_request",
+            f"unknown query argument(s) {', '.join(unknown)} (accepted: {', '.join(accepted)})",
+        )
+
+
+def query_text(request: server.Request, name: str) -> str | None:
     """The one value of query argument ``name`` (None when absent); 400 when given twice."""
     values = request.args.get(name.encode("ascii"), [])
     if len(values) > 1:
@@ -73,7 +88,7 @@ def _query_value(request: server.Request, name: str) -> str | None:
 
 def query_int(request: server.Request, name: str, default: int, low: int, high: int | None) -> int:
     """Query argument ``name`` as a whole number from ``low`` (to ``high``); 400 naming it."""
-    text = _query_value(request, name)
+    text = query_text(request, name)
     if text is None:
         return default
     value = int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
@@ -89,7 +104,7 @@ def query_int(request: server.Request, name: str, default: int, low: int, high: 
 
 def query_bool(request: server.Request, name: str) -> bool | None:
     """Query argument ``name`` as true/false (None when absent); 400 naming it otherwise."""
-    text = _query_value(request, name)
+    text = query_text(request, name)
     if text is None:
         return None
     if text.lower() in ("true", "1"):

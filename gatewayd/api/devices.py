@@ -9,7 +9,16 @@ from typing import Any
 from twisted.web import server
 
 from gatewayd.api.base import JsonResource
-from gatewayd.api.common import HttpError, encode_json, iso_utc, log, query_bool, query_int, respond
+from gatewayd.api.common import (
+    check_arguments,
+    encode_json,
+    iso_utc,
+    log,
+    query_bool,
+    query_int,
+    query_text,
+    respond,
+)
 from gatewayd.plugin import Device
 
 #: Devices in one page of ``GET /api/v1/devices`` when ``limit`` is not given, and the most a
@@ -17,38 +26,32 @@ from gatewayd.plugin import Device
 #: would be ~100 MB built while the reactor waits.
 DEVICES_PAGE = 1000
 DEVICES_PAGE_MAX = 10_000
-DEVICES_ARGUMENTS = ("plugin", "online", "limit", "offset")
+DEVICES_ARGUMENTS = ("plugin", "online", "search", "limit", "offset")
 
 
 class DevicesResource(JsonResource):
-    """``GET /api/v1/devices[?plugin=NAME][&online=true|false][&limit=N][&offset=N]``.
+    """``GET /api/v1/devices[?plugin=NAME][&online=true|false][&search=TEXT][&limit=N][&offset=N]``.
 
     Known devices, online or not, by plugin name and then in each plugin's own order, a page at a
-    time: ``next_offset`` is the offset of the next page, null on the last one.
+    time: ``next_offset`` is the offset of the next page, null on the last one. ``search`` keeps
+    the devices whose id contains TEXT, ignoring case (an operator types part of an IMEI); paging
+    counts the devices left after every filter.
     """
 
     def render_GET(self, request: server.Request) -> bytes:
-        unknown = sorted(
-            name
-            for name in (k.decode("utf-8", "replace") for k in request.args)
-            if name not in DEVICES_ARGUMENTS
-        )
-        if unknown:
-            raise HttpError(
-                400,
-                "bad_request",
-                f"unknown query argument(s) {', '.join(unknown)} "
-                f"(accepted: {', '.join(DEVICES_ARGUMENTS)})",
-            )
+        check_arguments(request, DEVICES_ARGUMENTS)
         wanted = [v.decode("utf-8", "replace") for v in request.args.get(b"plugin", [])]
         for name in wanted:
             self.api.plugin_host(name)  # 404 for an unknown name
         online = query_bool(request, "online")
+        search = (query_text(request, "search") or "").casefold()
         limit = query_int(request, "limit", DEVICES_PAGE, 1, DEVICES_PAGE_MAX)
         offset = query_int(request, "offset", 0, 0, None)
         errors: dict[str, str] = {}
         page = list(
-            itertools.islice(self._devices(wanted, online, errors), offset, offset + limit + 1)
+            itertools.islice(
+                self._devices(wanted, online, search, errors), offset, offset + limit + 1
+            )
         )
         more = len(page) > limit
         body = {
@@ -60,7 +63,7 @@ class DevicesResource(JsonResource):
         return respond(request, 200, encode_json(body))
 
     def _devices(
-        self, wanted: list[str], online: bool | None, errors: dict[str, str]
+        self, wanted: list[str], online: bool | None, search: str, errors: dict[str, str]
     ) -> Iterator[tuple[str, Device]]:
         """(plugin, device) for every listed device, plugin after plugin, as consumed: the
         answer is built only for the page, though the devices before it are still walked."""
@@ -69,8 +72,11 @@ class DevicesResource(JsonResource):
                 continue
             try:
                 for device in host.plugin.devices():
-                    if online is None or bool(device.online) is online:
-                        yield name, device
+                    if online is not None and bool(device.online) is not online:
+                        continue
+                    if search and search not in str(device.id).casefold():
+                        continue
+                    yield name, device
             except Exception:
                 log.failure("devices() of plugin {plugin} failed", plugin=name)
                 errors[name] = "listing the devices failed; see the daemon log"

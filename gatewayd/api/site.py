@@ -7,7 +7,7 @@ from typing import Any
 from twisted.web import server
 
 from gatewayd.api import page
-from gatewayd.api.base import ApiState, JsonResource
+from gatewayd.api.base import ApiState, JsonResource, ProtectedResource
 from gatewayd.api.channel import ApiRequest, ApiSite
 from gatewayd.api.common import encode_json, log, respond
 from gatewayd.api.devices import DevicesResource
@@ -25,10 +25,12 @@ class ApiSetupError(Exception):
 
 
 def build_site(daemon: Any, config: ApiSection) -> server.Site:
-    """The twisted.web site of the control API over ``daemon``."""
+    """The twisted.web site of the control API over ``daemon``; ``site.api`` is its ApiState
+    (``site.api.close_streams()`` ends the open event streams)."""
     state = ApiState(daemon, config)
     site = ApiSite(RootResource(state), requestFactory=ApiRequest)
     site.max_body_bytes = config.max_body_bytes
+    site.api = state
     return site
 
 
@@ -58,7 +60,7 @@ class RootResource(JsonResource):
         super().__init__(api)
         self.putChild(b"health", HealthResource(api))
         self.putChild(b"metrics", MetricsResource(api))
-        v1 = JsonResource(api)
+        v1 = ProtectedResource(api)  # the token, when set, for every request below it
         v1.putChild(b"devices", DevicesResource(api))
         v1.putChild(b"plugins", PluginsResource(api))
         v1.putChild(b"status", StatusResource(api))
@@ -76,7 +78,10 @@ class RootResource(JsonResource):
         endpoints = [
             "GET /health",
             "GET /metrics",
-            "GET /api/v1/devices[?plugin=NAME&online=BOOL&limit=N&offset=N]",
+            "GET /api/v1/status",
+            "GET /api/v1/history",
+            "GET /api/v1/devices[?plugin=NAME&online=BOOL&search=TEXT&limit=N&offset=N]",
+            "GET /api/v1/events/stream[?plugin=GLOB&type=GLOB&device=GLOB]",
             "GET /api/v1/plugins",
             "POST /api/v1/plugins/{plugin}/commands/{command}",
         ]
