@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -209,6 +209,17 @@ class PluginConfig(ConfigModel):
 
     type: str
     startup_error_behavior: Literal["error", "retry", "ignore"] = "error"
+    #: After a runtime failure (an exception in a guarded callback): ``on-failure`` stops and
+    #: starts the instance again with backoff, ``never`` leaves it failed.
+    restart: Literal["on-failure", "never"] = "on-failure"
+    #: More than this many restarts within ``restart_window`` is a crash loop: left failed.
+    restart_limit: int = Field(5, ge=0, le=1000)
+    restart_window: PositiveDuration = 600.0
+
+    #: Keys the supervisor reads: a reload that changes only these keeps the instance running.
+    SUPERVISION_KEYS: ClassVar[frozenset[str]] = frozenset(
+        {"restart", "restart_limit", "restart_window"}
+    )
 
 
 class SinkConfig(ConfigModel):
