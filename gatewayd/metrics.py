@@ -43,6 +43,9 @@ METRIC_NAMES = (
     "gatewayd_plugin_frames_invalid",
     "gatewayd_plugin_devices_online",
     "gatewayd_plugin_commands",
+    "gatewayd_plugin_events",
+    "gatewayd_plugin_restarts",
+    "gatewayd_plugin_internal_errors",
     "gatewayd_sink_up",
     "gatewayd_sink_queued_events",
     "gatewayd_sink_queued_bytes",
@@ -73,7 +76,15 @@ _RESERVED_PLUGIN_GAUGES = frozenset(
     name.removeprefix("gatewayd_plugin_")
     for name in METRIC_NAMES
     if name.startswith("gatewayd_plugin_")
-) | {"frames_in_total", "frames_out_total", "frames_invalid_total", "commands_total"}
+) | {
+    "frames_in_total",
+    "frames_out_total",
+    "frames_invalid_total",
+    "commands_total",
+    "events_total",
+    "restarts_total",
+    "internal_errors_total",
+}
 
 
 def oldest_age_seconds(queue: Any, now: float) -> float | None:
@@ -156,13 +167,29 @@ class DaemonCollector:
             "Commands by outcome (ok, or the error code)",
             labels=["plugin", "command", "outcome"],
         )
+        events = CounterMetricFamily(
+            "gatewayd_plugin_events_total", "Events the plugin emitted", labels=["plugin"]
+        )
+        restarts = CounterMetricFamily(
+            "gatewayd_plugin_restarts_total",
+            "Restarts by the supervisor after a runtime failure",
+            labels=["plugin"],
+        )
+        internal_errors = CounterMetricFamily(
+            "gatewayd_plugin_internal_errors_total",
+            "Messages whose handling raised (kept as frame.invalid internal_error)",
+            labels=["plugin"],
+        )
         gauges: dict[str, GaugeMetricFamily] = {}
 
         for name, host in sorted(self.daemon.plugins.items()):
             up.add_metric([name, str(host.type_name)], 1 if host.state == "running" else 0)
+            restarts.add_metric([name], getattr(host, "restarts", 0))
             context = getattr(host, "context", None)
             metrics = getattr(context, "metrics", None)
             if metrics is not None:
+                events.add_metric([name], metrics.events)
+                internal_errors.add_metric([name], metrics.internal_errors)
                 frames_in.add_metric([name], metrics.frames_in)
                 frames_out.add_metric([name], metrics.frames_out)
                 frames_invalid.add_metric([name], metrics.frames_invalid)
@@ -175,6 +202,7 @@ class DaemonCollector:
                 online.add_metric([name], count)
 
         yield from (up, frames_in, frames_out, frames_invalid, online, commands)
+        yield from (events, restarts, internal_errors)
         yield from gauges.values()
 
     def _devices_online(self, name: str, plugin: Any) -> int | None:

@@ -9,8 +9,15 @@ Lifecycle of one plugin instance (``plugins.<name>`` in the config):
    instance's ``startup_error_behavior`` decides: ``error`` stops the daemon, ``retry`` retries with
    backoff, ``ignore`` marks the plugin failed and the rest run on.
 4. While running, the plugin calls ``context.emit(...)`` for every event and answers commands.
-   Callbacks it schedules itself should go through ``context.guard`` so an exception marks the
-   plugin failed in ``/health`` instead of vanishing.
+   Two guards keep a bug from vanishing or spreading:
+
+   - ``with context.handling(device=..., raw=...):`` around the work for *one* frame, message
+     or datagram. An exception costs that message only: it becomes a ``frame.invalid`` event with
+     reason ``internal_error``, a traceback in the log (throttled), and the plugin runs on.
+   - ``context.guard(callback)`` around callbacks that are not about one message (timers,
+     connection made or lost, a Deferred chain of the plugin's own state). An exception there
+     may leave the plugin's state broken, so it marks the plugin failed; the supervisor stops it
+     and starts a fresh instance (``restart: on-failure``, the default).
 5. ``stop()`` closes everything; it may return a Deferred. The daemon flushes the queues after.
 """
 
@@ -43,6 +50,7 @@ __all__ = [
     "Device",
     "DeviceRefused",
     "DeviceTimeout",
+    "Handled",
     "Invocation",
     "NotFound",
     "Plugin",
@@ -236,6 +244,7 @@ class PluginMetrics:
     frames_in: int = 0
     frames_out: int = 0
     frames_invalid: int = 0
+    internal_errors: int = 0  # messages whose handling raised (``PluginContext.handling``)
     commands: dict[str, int] = field(default_factory=dict)  # "name:outcome" → count
     gauges: dict[str, tuple[str, Callable[[], float]]] = field(default_factory=dict)
 
@@ -255,6 +264,42 @@ class PluginMetrics:
 DEFAULT_KEY_WINDOW = 600.0
 #: Seconds between two log lines about events that could not be stored (one plugin).
 NOT_STORED_LOG_INTERVAL = 10.0
+#: Seconds between two tracebacks of messages whose handling raised (one plugin).
+INTERNAL_ERROR_LOG_INTERVAL = 10.0
+#: Longest exception text copied into a ``frame.invalid`` event's message.
+INTERNAL_ERROR_MESSAGE_MAX = 200
+
+
+class Handled:
+    """What ``PluginContext.handling`` yields: after the block, ``failed`` says whether it
+    raised, and ``deferred`` is the Deferred of the ``frame.invalid`` event it became (fires
+    when that event is durable: acknowledge a device after it, as after any event).
+
+    A caller that reads ``deferred`` gets a failure to store that event through it; otherwise
+    the failure is counted and logged as for ``PluginContext.record``.
+    """
+
+    __slots__ = ("failed", "_deferred", "_taken")
+
+    def __init__(self) -> None:
+        self.failed = False
+        self._deferred: defer.Deferred | None = None
+        self._taken = False
+
+    @property
+    def deferred(self) -> defer.Deferred | None:
+        self._taken = True
+        return self._deferred
+
+    def _emitted(self, deferred: defer.Deferred, not_stored: Callable[[Any], None]) -> None:
+        def unless_taken(failure: Any) -> Any:
+            if self._taken:
+                return failure
+            not_stored(failure)
+            return None
+
+        self._deferred = deferred
+        deferred.addErrback(unless_taken)
 
 
 class PluginContext:
@@ -287,6 +332,7 @@ class PluginContext:
         self.invocation: Invocation = DIRECT
         self.not_stored = 0  # events record() could not make durable
         self._not_stored_log = LogThrottle(reactor.seconds, NOT_STORED_LOG_INTERVAL)
+        self._internal_error_log = LogThrottle(reactor.seconds, INTERNAL_ERROR_LOG_INTERVAL)
         self.metrics.gauge(
             "events_not_stored_total",
             "Events no device waited for that could not be stored (see the log)",
@@ -386,8 +432,48 @@ class PluginContext:
         finally:
             self.invocation = previous
 
+    @contextlib.contextmanager
+    def handling(
+        self,
+        device: str | None = None,
+        raw: str | Callable[[], str | None] | None = None,
+        **data: Any,
+    ) -> Iterator[Handled]:
+        """Guard the handling of one frame, message or datagram: an exception in the block
+        becomes a ``frame.invalid`` event (reason ``internal_error``, the exception's type and
+        text as ``message``, plus ``data``) for ``device`` with ``raw``, a traceback in the log
+        (the first, then at most one every 10 s, with the count), and the plugin runs on.
+        ``raw`` may be a function, called only when the block raised (the hot path then pays
+        nothing for rendering the frame as text).
+
+        Why: a crafted or unforeseen frame that hits a bug must cost that frame only, not the
+        connection, the other devices or the plugin. Use ``guard`` for what is not one message.
+        """
+        handled = Handled()
+        try:
+            yield handled
+        except Exception as exc:
+            handled.failed = True
+            self.metrics.internal_errors += 1
+            if self._internal_error_log.due():
+                self.log.failure(
+                    "plugin {plugin}: handling a message failed ({count} so far); the message "
+                    "is kept as frame.invalid (internal_error) and the plugin runs on",
+                    plugin=self.name,
+                    count=self.metrics.internal_errors,
+                )
+            text = f"{type(exc).__name__}: {exc}"
+            if len(text) > INTERNAL_ERROR_MESSAGE_MAX:
+                text = text[: INTERNAL_ERROR_MESSAGE_MAX - 3] + "..."
+            event = {"reason": "internal_error", "message": text, **data}
+            if callable(raw):
+                raw = raw()
+            handled._emitted(self.emit("frame.invalid", device, event, raw), self.note_not_stored)
+
     def guard(self, function: Callable[..., Any]) -> Callable[..., Any]:
-        """Wrap a callback: an exception is logged and marks the plugin failed, never propagates."""
+        """Wrap a callback that is not about one message (a timer, a connection event): an
+        exception is logged and marks the plugin failed, and the supervisor restarts it
+        (``restart``). For the handling of one frame use ``handling`` instead."""
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
             try:

@@ -312,6 +312,7 @@ class EsamPlugin(Plugin):
         link.on_down = self._link_down
         link.on_rejected = self._rejected
         link.on_frame = self._frame_received
+        link.handling = lambda frame: self.context.handling(self.device_id, command=frame.command)
         link.on_sent = self._frame_sent
         self.reader.on_state = self._refresh_online
         link.start()

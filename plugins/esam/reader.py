@@ -18,6 +18,7 @@ Nothing here logs APDU data or results; log lines carry lengths, status words an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 from collections.abc import Callable, Mapping
@@ -155,8 +156,13 @@ class ReaderLink:
     ``open_port(protocol)`` opens the port (``serial_opener`` in production, a fake in tests).
     Callbacks: ``on_up()`` after the port opened, ``on_down(reason)`` after it closed,
     ``on_rejected(Rejected)`` for dropped bytes, ``on_frame(frame)`` for every frame received,
-    ``on_sent(frame)`` for every request written.
+    ``on_sent(frame)`` for every request written. ``handling(frame)`` is a context manager
+    around the handling of each frame received (the plugin's ``context.handling``).
     """
+
+    handling: Callable[[Any], contextlib.AbstractContextManager[Any]] = staticmethod(
+        lambda frame: contextlib.nullcontext()
+    )
 
     def __init__(
         self,
@@ -317,9 +323,10 @@ class ReaderLink:
             if isinstance(item, Rejected):
                 self.on_rejected(item)
             else:
-                self.frames_in += 1
-                self.on_frame(item)
-                self._match(item)
+                with self.handling(item):  # a bug costs this frame, not the port
+                    self.frames_in += 1
+                    self.on_frame(item)
+                    self._match(item)
 
     def _match(self, frame: ReaderFrame) -> None:
         pending = self._pending

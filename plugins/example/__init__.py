@@ -78,7 +78,9 @@ class ThermometerProtocol(LineOnlyReceiver):
             self.plugin.context.record("frame.invalid", self.device, {"reason": "format"}, raw=text)
             self.send("ERR format")
             return
-        self.plugin.reading(self, match["device"], float(match["celsius"]), text)
+        # One line that hits a bug costs that line: frame.invalid (internal_error), not the plugin.
+        with self.plugin.context.handling(self.device, text):
+            self.plugin.reading(self, match["device"], float(match["celsius"]), text)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.plugin.context.record("frame.invalid", self.device, {"reason": "length"})

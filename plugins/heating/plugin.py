@@ -205,7 +205,6 @@ class HeatingPlugin(Plugin):
         self.link_up_since: float | None = None
         self.unknown_msg_ids: Counter[int] = Counter()
         self.unsolicited = 0
-        self.handler_errors = 0
         #: Seconds the queues keep a report's keys (``dedupe_window``); 0: no keys.
         self.dedupe_window = config.dedupe_window or 0.0
         self._housekeeping: task.LoopingCall | None = None
@@ -290,11 +289,6 @@ class HeatingPlugin(Plugin):
             "Replies that matched no command in flight (late, or another server's)",
             lambda: self.unsolicited,
         )
-        metrics.gauge(
-            "handler_errors",
-            "Messages whose handling raised (logged, frame.invalid internal_error)",
-            lambda: self.handler_errors,
-        )
 
     # --- housekeeping: silence, polling ----------------------------------------------------
 
@@ -332,23 +326,9 @@ class HeatingPlugin(Plugin):
     def on_mqtt_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:
         """One MQTT message; returns a Deferred that fires when its events are durable."""
         self.context.metrics.frames_in += 1
-        try:
+        with self.context.handling(None, lambda: _text(payload)[:MAX_RAW], topic=topic) as handled:
             return self._dispatch(topic, payload, bool(qos or retain))
-        except Exception as exc:
-            self.handler_errors += 1
-            if self.handler_errors % 1000 == 1:  # a bug hit by every message: not every time
-                self.log.failure(
-                    "heating: handling a message on {topic} failed ({count} so far)",
-                    topic=topic,
-                    count=self.handler_errors,
-                )
-            return self._emit_invalid(
-                None,
-                "internal_error",
-                f"{type(exc).__name__}: {exc}",
-                _text(payload),
-                topic=topic,
-            )
+        return handled.deferred  # the frame.invalid (internal_error) the bug became
 
     def _dispatch(self, topic: str, payload: bytes, repeatable: bool) -> Any:
         """``repeatable``: the broker may deliver this message again (QoS 1, or retained)."""

@@ -284,7 +284,6 @@ class PowerbankPlugin(Plugin):
         )
         self.port: Any = None
         self.crc_mismatches = 0
-        self.internal_errors = 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -380,26 +379,9 @@ class PowerbankPlugin(Plugin):
             return
         if decoded.crc_ok is False:
             self._crc_mismatch(conn, decoded.crc, decoded.expected_crc)
-        try:
+        # A bug must cost one frame, not the connection or other cabinets.
+        with self.context.handling(conn.imei, raw, address=conn.address):
             self.registry.packet_received(conn, decoded.packet, raw)
-        except Exception:  # a bug must cost one frame, not the connection or other cabinets
-            self.internal_errors += 1
-            if self.internal_errors % 1000 == 1:  # a bug hit by every frame: not every time
-                self.log.failure(
-                    "powerbank {plugin}: handling a frame failed ({count} so far)",
-                    plugin=self.name,
-                    count=self.internal_errors,
-                )
-            self.context.record(
-                "frame.invalid",
-                conn.imei,
-                {
-                    "reason": "internal_error",
-                    "message": "handling the frame failed; see the log",
-                    "address": conn.address,
-                },
-                raw,
-            )
 
     def _crc_mismatch(self, conn: CabinetConnection, received: str, expected: str | None) -> None:
         self.crc_mismatches += 1

@@ -313,7 +313,7 @@ def test_exception_in_handling_one_message_does_not_stop_the_next(monkeypatch):
     assert harness.collector.types() == ["device.online", "frame.invalid", "meter.reading"]
     assert harness.collector.events[1].data["reason"] == "internal_error"
     assert "RuntimeError: boom" in harness.collector.events[1].data["message"]
-    assert harness.context.metrics.gauges["handler_errors"][1]() == 1
+    assert harness.context.metrics.internal_errors == 1
     assert harness.failures == []  # not marked failed: one message, not the plugin
 
 

@@ -664,7 +664,7 @@ def test_any_byte_stream_yields_only_events_never_an_exception():
             conn.dataReceived(part)
         clock.advance(1000)  # idle timeout, rate-limit resumes
         assert harness.failures == []
-        assert harness.plugin.internal_errors == 0
+        assert harness.context.metrics.internal_errors == 0
         allowed = {"device.online", "device.offline", "frame.invalid", "lend.succeeded",
                    "slots.status", "alarm.slot_fault"}  # fmt: skip
         assert {e.type for e in harness.collector.events} <= allowed
