@@ -30,6 +30,8 @@ class ApiSection(ConfigModel):
     token_file: Path | None = None
     command_timeout: Duration = 60.0  # 0: no timeout
     max_body_bytes: int = Field(65536, ge=1024)
+    #: Event streams (``GET /api/v1/events/stream``) open at once; one more is answered 429.
+    max_streams: int = Field(4, ge=1)
 
 
 class MatchConfig(ConfigModel):

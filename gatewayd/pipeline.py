@@ -25,7 +25,7 @@ from gatewayd.config_model import ProcessorConfig, RouteConfig
 from gatewayd.events import FIELDS, Event, encode_json
 from gatewayd.queue import DurableQueue, Refused
 
-__all__ = ["Pipeline", "encode_event"]
+__all__ = ["Pipeline", "encode_event", "glob_matcher"]
 
 
 #: Route decisions cached per (type, protocol, plugin, device); cleared when it grows past this.
@@ -80,8 +80,9 @@ def apply_form(form: Form, event: Event) -> dict[str, Any]:
     return fields
 
 
-def _glob(pattern: str | None) -> Callable[[str], Any] | None:
-    """A matcher for a shell-style glob (case-sensitive); None when it matches everything."""
+def glob_matcher(pattern: str | None) -> Callable[[str], Any] | None:
+    """A matcher for a shell-style glob (case-sensitive); None when it matches everything.
+    Routes use it, and so does the API's event stream, so a filter means the same in both."""
     if pattern is None or pattern == "*":
         return None
     return re.compile(fnmatch.translate(pattern)).match
@@ -163,7 +164,7 @@ class Pipeline:
             raise ValueError(f"routes[{index}]: unknown sink(s): {', '.join(unknown)}")
         matchers = []
         for position, key in enumerate(MATCH_KEYS):
-            match = _glob(getattr(route.match, key))
+            match = glob_matcher(getattr(route.match, key))
             if match is not None:
                 matchers.append((position, match))
         return _Route(
