@@ -6,7 +6,9 @@ it works from any shell on the box. Arguments: ``key=value`` sends the string ``
 sends parsed JSON (``slots:=[1,2]``, ``force:=true``, ``name:='"007"'``).
 
 The API address and token come from ``--api``/``--token-file``, else from the ``api`` section
-of the config file given with ``-c``, else ``127.0.0.1:8720`` without a token.
+of the config file given with ``-c``, else ``127.0.0.1:8720`` without a token. ``gatewayd status``,
+``tail`` and ``reload`` (``gatewayd.opscli``) find the API the same way, through
+``add_target_arguments``, ``resolve_target``, ``request_api`` and ``print_api_error``.
 
 Exit status: 0 the command succeeded (its result printed as JSON on stdout), 1 the API answered
 an error (printed on stderr), 2 usage or local setup error, 3 the API could not be reached.
@@ -35,11 +37,18 @@ __all__ = [
     "EXIT_OK",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
+    "Target",
     "UsageError",
     "add_arguments",
+    "add_target_arguments",
     "command_main",
+    "open_api",
     "parse_arguments",
+    "print_api_error",
+    "request_api",
+    "resolve_target",
     "run",
+    "unreachable_message",
 ]
 
 EXIT_OK = 0
@@ -71,11 +80,20 @@ class Target:
         return f"{host}:{self.port}"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the options and positionals of ``gatewayd command``."""
-    parser.add_argument("-c", "--config", help="gatewayd config file: API address and token_file")
+def add_target_arguments(
+    parser: argparse.ArgumentParser,
+    config_help: str = "gatewayd config file: API address and token_file",
+    config_default: str | None = None,
+) -> None:
+    """Declare ``-c/--config``, ``--api`` and ``--token-file``: where the API is, which token."""
+    parser.add_argument("-c", "--config", default=config_default, help=config_help)
     parser.add_argument("--api", metavar="HOST:PORT", help=f"control API address ({DEFAULT_API})")
     parser.add_argument("--token-file", help="file holding the API bearer token")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the options and positionals of ``gatewayd command``."""
+    add_target_arguments(parser)
     parser.add_argument(
         "--timeout",
         type=float,
@@ -169,13 +187,16 @@ def _api_problems(exc: ValidationError) -> str:
     return "; ".join(f"api.{part}" for part in describe_validation_error(exc).split("; "))
 
 
-def resolve_target(args: argparse.Namespace) -> Target:
-    """Address, token and timeout from the options and the config file.
+def resolve_target(args: argparse.Namespace, api: ApiSection | None = None) -> Target:
+    """Address, token and timeout from the options and the config file (or its ``api``
+    section, when the caller has loaded it already).
 
     A relative ``api.token_file`` is taken from the config file's directory, as the daemon does;
     ``--token-file`` from the current directory. The token is the file's text, stripped.
+    Without a ``--timeout`` option: api.command_timeout + 10 s.
     """
-    api = api_section_from_config(args.config) if args.config else ApiSection()
+    if api is None:
+        api = api_section_from_config(args.config) if args.config else ApiSection()
     listen = args.api or api.listen
     try:
         host, port = split_host_port(parse_host_port(listen))
@@ -195,13 +216,48 @@ def resolve_target(args: argparse.Namespace) -> Target:
             raise UsageError(f"cannot read the token file {token_file}: {exc.strerror}") from None
         except UnicodeDecodeError:
             raise UsageError(f"the token file {token_file} is not UTF-8 text") from None
-    if args.timeout is not None and args.timeout < 0:
-        raise UsageError(f"--timeout must be 0 (no limit) or more, got {args.timeout:g}")
-    if args.timeout is not None:
-        timeout = args.timeout or None
+    given = getattr(args, "timeout", None)
+    if given is not None and given < 0:
+        raise UsageError(f"--timeout must be 0 (no limit) or more, got {given:g}")
+    if given is not None:
+        timeout = given or None
     else:  # api.command_timeout 0: the server never answers 504, so neither side gives up
         timeout = api.command_timeout + TIMEOUT_MARGIN if api.command_timeout else None
     return Target(host, port, token or None, timeout)
+
+
+def open_api(
+    target: Target,
+    method: str,
+    path: str,
+    body: Any = None,
+    accept: str = "application/json",
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """Send one request (``body``, when given, as JSON) with the token; returns the connection
+    and its response, unread (a stream is read as it comes). OSError when unreachable."""
+    headers = {"Accept": accept}
+    payload = None
+    if body is not None:
+        payload = json.dumps(body).encode("utf-8")
+        headers["Content-Type"] = "application/json"
+    if target.token:
+        headers["Authorization"] = f"Bearer {target.token}"
+    connection = http.client.HTTPConnection(target.host, target.port, timeout=target.timeout)
+    try:
+        connection.request(method, path, body=payload, headers=headers)
+        return connection, connection.getresponse()
+    except BaseException:
+        connection.close()
+        raise
+
+
+def request_api(target: Target, method: str, path: str, body: Any = None) -> tuple[int, bytes]:
+    """One request to the API; returns (HTTP status, body). OSError when unreachable."""
+    connection, response = open_api(target, method, path, body)
+    try:
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 def call_api(
@@ -209,17 +265,16 @@ def call_api(
 ) -> tuple[int, bytes]:
     """POST the command; returns (HTTP status, body). OSError when the API cannot be reached."""
     path = f"/api/v1/plugins/{quote(plugin, safe='')}/commands/{quote(command, safe='')}"
-    body = json.dumps(arguments).encode("utf-8")
-    headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    if target.token:
-        headers["Authorization"] = f"Bearer {target.token}"
-    connection = http.client.HTTPConnection(target.host, target.port, timeout=target.timeout)
-    try:
-        connection.request("POST", path, body=body, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
+    return request_api(target, "POST", path, arguments)
+
+
+def unreachable_message(target: Target, exc: BaseException) -> str:
+    """Why the API could not be reached, for stderr (exit status 3)."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return (
+        f"cannot reach the control API at http://{target.address}: "
+        f"{reason or type(exc).__name__} (is gatewayd running? is api.listen this address?)"
+    )
 
 
 def report(status: int, body: bytes, stdout: Any, stderr: Any) -> int:
@@ -231,6 +286,12 @@ def report(status: int, body: bytes, stdout: Any, stderr: Any) -> int:
     if status == 200 and isinstance(answer, dict) and answer.get("ok") is True:
         print(json.dumps(answer.get("result"), indent=2, ensure_ascii=False), file=stdout)
         return EXIT_OK
+    print_api_error(status, answer, body, stderr)
+    return EXIT_API_ERROR
+
+
+def print_api_error(status: int, answer: Any, body: bytes, stderr: Any) -> None:
+    """An error answer on stderr: its code and message (and how to pass a token after 401)."""
     error = answer.get("error") if isinstance(answer, dict) else None
     if isinstance(error, dict):
         print(f"error {status} {error.get('code')}: {error.get('message')}", file=stderr)
@@ -241,7 +302,6 @@ def report(status: int, body: bytes, stdout: Any, stderr: Any) -> int:
     else:
         text = body.decode("utf-8", "replace").strip()[:500]
         print(f"error {status}: unexpected answer: {text}", file=stderr)
-    return EXIT_API_ERROR
 
 
 def run(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int:
@@ -264,12 +324,7 @@ def run(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int
         )
         return EXIT_UNREACHABLE
     except (OSError, http.client.HTTPException) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(
-            f"gatewayd command: cannot reach the control API at http://{target.address}: "
-            f"{reason or type(exc).__name__} (is gatewayd running? is api.listen this address?)",
-            file=stderr,
-        )
+        print(f"gatewayd command: {unreachable_message(target, exc)}", file=stderr)
         return EXIT_UNREACHABLE
     return report(status, body, stdout, stderr)
 
