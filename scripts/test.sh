@@ -2,8 +2,9 @@
 # Install everything the tests need on a fresh Debian machine, then run lint and the tests.
 #   apt-get: mosquitto (MQTT broker for integration tests), socat (serial pty pairs),
 #            postgresql (initdb/postgres: each test runs a private server, never a system one),
-#            nats-server (a private three-node cluster with MQTT per test, never a system one)
-#   pip:     the package with its [test] extras, in ./.venv
+#            nats-server (a private three-node cluster with MQTT per test, never a system one),
+#            chromium (Debian's, headless, for the status page tests; Playwright never downloads one)
+#   pip:     the package with its [test] extras (playwright among them), in ./.venv
 # Extra arguments go to pytest: scripts/test.sh -k queue -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,7 @@ command -v socat >/dev/null || missing+=(socat)
 command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
   || missing+=(postgresql)
 command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+command -v chromium >/dev/null || missing+=(chromium)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${missing[*]} with apt-get" >&2

@@ -188,6 +188,15 @@ def test_static_files_take_get_and_head_only(base):
     assert json.loads(body)["error"]["code"] == "method_not_allowed"
 
 
+@pytest_twisted.inlineCallbacks
+def test_data_still_needs_the_token(base):
+    status, _, body = yield fetch(base, "/api/v1/plugins", accept=BROWSER_ACCEPT)
+    assert status == 401
+    assert json.loads(body)["error"]["code"] == "unauthorized"
+    status, _, _ = yield fetch(base, "/api/v1/plugins", authorization="Bearer page-token")
+    assert status == 200
+
+
 def test_static_files_are_exactly_the_folder() -> None:
     folder = resources.files("gatewayd.api").joinpath("static")
     served = page.StaticFiles.from_package().files

@@ -80,6 +80,23 @@
     return Number.isNaN(date.getTime()) ? String(iso) : date.toLocaleString();
   }
 
+  /** How long ago an ISO timestamp was ("4 s ago"); the time itself is in the cell's title. */
+  function fmtAgo(iso) {
+    if (!iso) return "never";
+    const date = new Date(iso);
+    if (Number.isNaN(date.getTime())) return String(iso);
+    const seconds = Math.max(0, (Date.now() - date.getTime()) / 1000);
+    return `${fmtDuration(seconds < 10 ? Math.round(seconds) : seconds)} ago`;
+  }
+
+  /** A device's details as "key: value" pairs, objects as compact JSON. */
+  function fmtDetails(details) {
+    if (!details || typeof details !== "object") return details === undefined || details === null ? "" : String(details);
+    return Object.entries(details)
+      .map(([key, value]) => `${key}: ${typeof value === "object" && value !== null ? JSON.stringify(value) : value}`)
+      .join(", ");
+  }
+
   function cell(text, className) {
     return el("td", { textContent: text, className });
   }
@@ -282,8 +299,8 @@
     const rows = page.devices.map((d) => el("tr", { dataset: { plugin: d.plugin, device: d.id } },
       cell(d.plugin), cell(d.id, "id"),
       el("td", {}, badge(d.online ? "online" : "offline")),
-      cell(fmtTime(d.last_seen)),
-      cell(d.details && Object.keys(d.details).length ? JSON.stringify(d.details) : "", "details")));
+      el("td", { className: "age", textContent: fmtAgo(d.last_seen), title: fmtTime(d.last_seen) }),
+      cell(fmtDetails(d.details), "details")));
     for (const [plugin, message] of Object.entries(page.errors || {})) {
       rows.push(emptyRow(5, `${plugin}: ${message}`));
     }
@@ -346,7 +363,7 @@
     drawChart("queues", t, pick(sinks, "queued"), fmtCount);
     const minutes = Math.round(((history.interval || 10) * (history.points || 360)) / 60);
     $("charts-note").textContent = t.length
-      ? `(${t.length} samples every ${history.interval} s, up to ${minutes} min)`
+      ? `(${t.length} samples, one every ${history.interval} s; the last ${minutes} min are kept)`
       : "(no samples yet)";
   }
 
@@ -370,9 +387,12 @@
     let max = 0;
     for (const name of names) for (const v of series[name]) if (v !== null && v > max) max = v;
     max = niceCeiling(max);
+    // The window is the last hour once there is an hour of samples; before that it spans the
+    // samples there are (at least five minutes), so a fresh start is not a dot at the right edge.
     const tEnd = t.length ? t[t.length - 1] : Date.now() / 1000;
-    const tStart = tEnd - 3600;
-    const x = (ts) => pad.left + ((ts - tStart) / 3600) * plotW;
+    const span = Math.min(3600, Math.max(300, t.length ? tEnd - t[0] : 0));
+    const tStart = tEnd - span;
+    const x = (ts) => pad.left + ((ts - tStart) / span) * plotW;
     const y = (v) => pad.top + plotH - (v / max) * plotH;
 
     // grid and axis labels: 0, half and max; the last hour in 15-minute steps
@@ -391,29 +411,31 @@
     }
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
-    for (const minutes of [60, 45, 30, 15, 0]) {
+    const step = span > 1800 ? 15 : span > 600 ? 5 : 1; // minutes between time labels
+    for (let minutes = Math.floor(span / 60 / step) * step; minutes >= 0; minutes -= step) {
       const label = minutes ? `-${minutes} min` : "now";
       ctx.fillText(label, Math.min(Math.max(x(tEnd - minutes * 60), pad.left + 20), width - 16), pad.top + plotH + 4);
     }
 
-    // the series: a path per run of known values
+    // the series: a line through each run of known values, a dot for a value alone
     ctx.lineWidth = 1.5;
     ctx.lineJoin = "round";
+    const known = (values, i) => i >= 0 && i < values.length && values[i] !== null && values[i] !== undefined && t[i] >= tStart;
     for (const name of names) {
-      ctx.strokeStyle = SERIES_COLOURS[colourIndex(names, name)];
+      const values = series[name];
+      const colour = SERIES_COLOURS[colourIndex(names, name)];
+      ctx.strokeStyle = colour;
+      ctx.fillStyle = colour;
       ctx.beginPath();
-      let drawing = false;
-      series[name].forEach((v, i) => {
-        if (v === null || v === undefined || t[i] < tStart) {
-          drawing = false;
-          return;
-        }
-        if (drawing) ctx.lineTo(x(t[i]), y(v));
+      values.forEach((v, i) => {
+        if (!known(values, i)) return;
+        if (known(values, i - 1)) ctx.lineTo(x(t[i]), y(v));
         else ctx.moveTo(x(t[i]), y(v));
-        drawing = true;
+        if (!known(values, i - 1) && !known(values, i + 1)) ctx.fillRect(x(t[i]) - 2, y(v) - 2, 4, 4);
       });
       ctx.stroke();
     }
+    ctx.fillStyle = "#66707a";
     if (!t.length) {
       ctx.textAlign = "center";
       ctx.textBaseline = "middle";
