@@ -1,4 +1,5 @@
-"""The ``gatewayd`` command line: run, check-config, demo, simulate, decode, command, fleet.
+"""The ``gatewayd`` command line: run, check-config, demo, simulate, decode, command, status, tail,
+reload, fleet (status, tail and reload live in ``gatewayd.opscli``).
 
 Installed plugins add to it: their simulators become ``gatewayd simulate FAMILY``, their decoders
 ``gatewayd decode FORMAT``, and ``Plugin.register_cli`` may add whole subcommands.
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gatewayd import __version__, client
+from gatewayd import __version__, client, opscli
 from gatewayd.registry import PLUGIN_GROUP, load_all
 from gatewayd.schema import seconds_argument
 
@@ -91,6 +92,18 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
     command = sub.add_parser("command", help="call a plugin command through the control API")
     client.add_arguments(command)
     command.set_defaults(func=cmd_command)
+
+    status = sub.add_parser("status", help="the daemon at a glance (exit 0 ok, 1 degraded, 3 down)")
+    opscli.add_status_arguments(status)
+    status.set_defaults(func=opscli.status_main)
+
+    tail = sub.add_parser("tail", help="print events as they are routed, until Ctrl-C")
+    opscli.add_tail_arguments(tail)
+    tail.set_defaults(func=opscli.tail_main)
+
+    reload = sub.add_parser("reload", help="check the config file, then have the daemon apply it")
+    opscli.add_reload_arguments(reload)
+    reload.set_defaults(func=opscli.reload_main)
 
     fleet = sub.add_parser("fleet", help="the boxes behind an MQTT broker: devices, boxes, command")
     from gatewayd.fleet.cli import add_arguments as add_fleet_arguments
