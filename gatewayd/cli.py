@@ -151,11 +151,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config or demo_config_path())
     if config is None:
         return 2
-    state_dir = Path(args.state_dir or tempfile.mkdtemp(prefix="gatewayd-demo-"))
-    config.gateway.state_dir = state_dir.resolve()
+    state_dir = Path(args.state_dir or tempfile.mkdtemp(prefix="gatewayd-demo-")).resolve()
+
+    def demo_state(loaded: Any) -> None:  # at start and on every reload
+        loaded.gateway.state_dir = state_dir
+
+    demo_state(config)
     from gatewayd.runner import run_daemon
 
-    return run_daemon(config, demo=True, duration=args.duration)
+    return run_daemon(config, demo=True, duration=args.duration, config_overrides=demo_state)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -240,6 +240,7 @@ class SinkRunner:
             self.log.failure("sink {sink}: error while stopping", result, sink=self.name)
         self.state = "stopped"
         self._running = False
+        self.queue.unsubscribe(self.wake)  # a reload may hand the queue to a new runner
         waiters, self._stop_waiters = self._stop_waiters or [], []
         for d in waiters:
             d.callback(None)

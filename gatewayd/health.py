@@ -16,7 +16,12 @@ from gatewayd.metrics import oldest_age_seconds
 def health_report(daemon: Any, now: float) -> tuple[bool, dict[str, Any]]:
     """``(healthy, body)`` of ``/health`` for the daemon's current state."""
     plugins = {
-        name: {"type": host.type_name, "state": host.state, "error": host.error}
+        name: {
+            "type": host.type_name,
+            "state": host.state,
+            "error": host.error,
+            "restarts": getattr(host, "restarts", 0),
+        }
         for name, host in sorted(daemon.plugins.items())
     }
     sinks = {}
@@ -46,6 +51,9 @@ def health_report(daemon: Any, now: float) -> tuple[bool, dict[str, Any]]:
         "plugins": plugins,
         "sinks": sinks,
     }
+    config_status = getattr(daemon, "config_status", None)
+    if config_status is not None:  # when loaded, and how the last reload went
+        body["config"] = config_status()
     return healthy, body
 
 

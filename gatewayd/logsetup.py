@@ -93,7 +93,19 @@ def start_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     """
     stream = stream or sys.stderr
     observer = FileLogObserver(stream, json_line) if fmt == "json" else textFileLogObserver(stream)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    global _predicate
+    predicate = _predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(observer, [predicate])], redirectStandardIO=False
     )
+
+
+#: The level filter of ``start_logging`` (None before it ran: in tests, as a library).
+_predicate: LogLevelFilterPredicate | None = None
+
+
+def set_log_level(level: str) -> None:
+    """Change the level ``start_logging`` filters at (a config reload); no-op before it."""
+    if _predicate is not None:
+        _predicate.defaultLogLevel = LEVELS[level]
+        _predicate.clearLogLevels()

@@ -3,12 +3,16 @@
 SIGTERM and SIGINT stop the reactor; a before-shutdown trigger stops the daemon within
 ``gateway.shutdown_timeout`` (queues flushed), so the process exits 0 well inside systemd's
 ``TimeoutStopSec``. A plugin that fails to start with ``startup_error_behavior: error`` exits 1.
+SIGHUP reloads the config file (``Daemon.reload_file``); one that arrives while the daemon is
+still starting is applied once it runs.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, task
@@ -22,7 +26,13 @@ from gatewayd.logsetup import start_logging
 log = Logger(namespace="gatewayd.runner")
 
 
-def run_daemon(config: Config, *, demo: bool = False, duration: float | None = None) -> int:
+def run_daemon(
+    config: Config,
+    *,
+    demo: bool = False,
+    duration: float | None = None,
+    config_overrides: Callable[[Config], None] | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT (or ``duration``); returns the process exit status.
 
     The process umask becomes 0077 first: the queues, sink files and plugin state hold IMEIs,
@@ -38,12 +48,14 @@ def run_daemon(config: Config, *, demo: bool = False, duration: float | None = N
         from gatewayd.service import Daemon
 
         try:
-            daemon = Daemon(config, reactor)
+            daemon = Daemon(config, reactor, config_overrides=config_overrides)
         except (OSError, ValueError) as exc:  # the token file went away since the config check
             log.critical("gatewayd cannot start: {error}", error=exc)
             exit_status[0] = 2
             return
         simulators: list[Any] = []
+        hangups = _Hangups(daemon, reactor)
+        signal.signal(signal.SIGHUP, hangups.received)
 
         async def shutdown() -> None:
             # The daemon first: its plugins then see their devices still there while stopping.
@@ -66,6 +78,7 @@ def run_daemon(config: Config, *, demo: bool = False, duration: float | None = N
             log.critical("gatewayd failed to start: {error}", error=exc)
             exit_status[0] = 1
             return
+        hangups.daemon_ready()
         if demo:
             simulators.extend(await start_demo_simulators(daemon, reactor))
         if duration is not None:
@@ -77,6 +90,33 @@ def run_daemon(config: Config, *, demo: bool = False, duration: float | None = N
     except SystemExit as exc:
         return exit_status[0] or (exc.code if isinstance(exc.code, int) else 1)
     return exit_status[0]
+
+
+class _Hangups:
+    """SIGHUP → reload, on the reactor thread; one received before the daemon ran waits."""
+
+    def __init__(self, daemon: Any, reactor: Any) -> None:
+        self.daemon = daemon
+        self.reactor = reactor
+        self.ready = False
+        self.waiting = False
+
+    def received(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._reload)
+
+    def daemon_ready(self) -> None:
+        self.ready = True
+        if self.waiting:
+            self._reload()
+
+    def _reload(self) -> None:
+        if not self.ready:
+            log.info("SIGHUP: the config is reloaded once the daemon runs")
+            self.waiting = True
+            return
+        self.waiting = False
+        log.info("SIGHUP: reloading {path}", path=str(self.daemon.config.path))
+        self.daemon.reload_file().addErrback(lambda f: log.failure("reload failed", f))
 
 
 async def start_demo_simulators(daemon: Any, reactor: Any) -> list[Any]:

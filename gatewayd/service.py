@@ -31,8 +31,10 @@ from gatewayd.files import private_dir, read_private_text, tighten
 from gatewayd.health import box_status
 from gatewayd.history import History
 from gatewayd.host import PluginHost
+from gatewayd.logsetup import set_log_level
 from gatewayd.pipeline import Pipeline
 from gatewayd.queue import QueueStore, stranded_queues
+from gatewayd.reload import ReloadPlan, keep_running_values, plan_reload, reload_record
 from gatewayd.sdnotify import Notifier
 from gatewayd.sinks.base import SinkContext
 
@@ -82,8 +84,17 @@ class ReactorLagMeter:
 class Daemon:
     """One running gatewayd. ``start()`` and ``stop()`` return Deferreds."""
 
-    def __init__(self, config: Config, reactor: Any, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        notifier: Notifier | None = None,
+        config_overrides: Callable[[Config], None] | None = None,
+    ) -> None:
         self.config = config
+        #: Applied to every config the daemon loads on reload (the demo's own state_dir).
+        self.config_overrides = config_overrides
+        self._reload_lock = defer.DeferredLock()
         self.reactor = reactor
         self.gateway_id = config.gateway.id
         self.state_dir = self._resolve(config.gateway.state_dir)
@@ -193,8 +204,8 @@ class Daemon:
         path = Path(path)
         return path if path.is_absolute() else (Path(self.config.path).parent / path).resolve()
 
-    def _read_token(self) -> str | None:
-        token_file = self.config.api.token_file
+    def _read_token(self, config: Config | None = None) -> str | None:
+        token_file = (config or self.config).api.token_file
         if token_file is None:
             return None
         # Checked again here: the file may have been loosened since the config was checked.
@@ -257,44 +268,14 @@ class Daemon:
         self._lag.start()
         yield self.command_store.open()  # before any sink can take a command
         self.queue_store.start()
-        queues = {}
-        for name, sink_config in self.config.sinks.items():
-            queue = self.queue_store.queue(
-                name,
-                max_bytes=sink_config.max_bytes,
-                max_age=sink_config.max_age,
-                overflow=sink_config.overflow,
-            )
-            sink_class = self.config.sink_classes[name]
-            context = SinkContext(
-                name=name,
-                gateway_id=self.gateway_id,
-                reactor=self.reactor,
-                state_dir=self.state_dir,
-                log=Logger(namespace=f"gatewayd.sink.{name}"),
-                commands=self.commands,
-                status=self.box_status,
-                presence=self.device_elsewhere,
-            )
-            sink = sink_class(name, sink_config, context)
-            runner = SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)
-            queues[name] = queue
-            self.sinks[name] = runner
-        self.pipeline = Pipeline(self.config.routes, queues, self.sinks)
+        for name in self.config.sinks:
+            self.sinks[name] = self._make_sink(name, self.config)
+        self.pipeline = self._make_pipeline(self.config)
         for runner in self.sinks.values():
             runner.start()
 
-        for name, plugin_config in self.config.plugins.items():
-            self.plugins[name] = PluginHost(
-                name,
-                self.config.plugin_classes[name],
-                plugin_config,
-                gateway_id=self.gateway_id,
-                reactor=self.reactor,
-                state_dir=self.state_dir / "plugins" / name,
-                emit=self.emit,
-                keys=self.queue_store,
-            )
+        for name in self.config.plugins:
+            self.plugins[name] = self._make_host(name, self.config)
         # Plugins start concurrently; one with startup_error_behavior=error fails the daemon.
         results = yield defer.DeferredList(
             [host.start() for host in self.plugins.values()], consumeErrors=True
@@ -308,12 +289,187 @@ class Daemon:
             from gatewayd.api import listen_api
 
             self.api_port = listen_api(self, self.config.api, self.reactor)
-        running = sum(1 for h in self.plugins.values() if h.state == "running")
-        status = f"{running}/{len(self.plugins)} plugins running, {len(self.sinks)} sinks"
+        status = self._status_line()
         self.notifier.notify(READY="1", STATUS=status)
         self._start_watchdog()
         self.history.start()
         log.info("gatewayd {gateway} ready: {status}", gateway=self.gateway_id, status=status)
+
+    def _make_sink(self, name: str, config: Config) -> SinkRunner:
+        """The queue (opened, or the one already open) and the runner of sink ``name``."""
+        sink_config = config.sinks[name]
+        queue = self.queue_store.queue(
+            name,
+            max_bytes=sink_config.max_bytes,
+            max_age=sink_config.max_age,
+            overflow=sink_config.overflow,
+        )
+        # A reload may change these; max_bytes sizes the open file and waits for a restart.
+        queue.max_age, queue.overflow = sink_config.max_age, sink_config.overflow
+        context = SinkContext(
+            name=name,
+            gateway_id=self.gateway_id,
+            reactor=self.reactor,
+            state_dir=self.state_dir,
+            log=Logger(namespace=f"gatewayd.sink.{name}"),
+            commands=self.commands,
+            status=self.box_status,
+            presence=self.device_elsewhere,
+        )
+        sink = config.sink_classes[name](name, sink_config, context)
+        return SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)
+
+    def _make_pipeline(self, config: Config) -> Pipeline:
+        """A pipeline over ``config.routes`` and the queues of the current sinks; the counters
+        of the one it replaces (a reload) go on."""
+        queues = {name: runner.queue for name, runner in self.sinks.items()}
+        pipeline = Pipeline(config.routes, queues, self.sinks)
+        if self.pipeline is not None:
+            old = self.pipeline
+            pipeline.routed, pipeline.unrouted, pipeline.dropped = (
+                old.routed,
+                old.unrouted,
+                old.dropped,
+            )
+        return pipeline
+
+    def _make_host(self, name: str, config: Config) -> PluginHost:
+        return PluginHost(
+            name,
+            config.plugin_classes[name],
+            config.plugins[name],
+            gateway_id=self.gateway_id,
+            reactor=self.reactor,
+            state_dir=self.state_dir / "plugins" / name,
+            emit=self.emit,
+            keys=self.queue_store,
+        )
+
+    # --- reload -----------------------------------------------------------------------------
+
+    def reload_file(self) -> defer.Deferred:
+        """Read the config file again and apply it (``reload``); a file that does not load or
+        validate leaves the running config as it is. Fires with the reload record."""
+        from gatewayd.config import ConfigError, load_config
+
+        try:
+            new = load_config(self.config.path)
+            if self.config_overrides is not None:
+                self.config_overrides(new)
+        except ConfigError as exc:
+            return defer.succeed(self._reload_refused(exc.errors))
+        except OSError as exc:
+            return defer.succeed(
+                self._reload_refused([f"{self.config.path}: cannot read: {exc.strerror or exc}"])
+            )
+        for warning in getattr(new, "warnings", []):
+            log.warn("reload: {warning}", warning=warning)
+        return self.reload(new)
+
+    def _reload_refused(self, errors: list[str]) -> dict[str, Any]:
+        for error in errors:
+            log.error("reload: {error}", error=error)
+        log.error(
+            "reload refused ({count} errors); the running config is unchanged", count=len(errors)
+        )
+        self.last_reload = reload_record(time.time(), errors=errors)
+        return self.last_reload
+
+    def reload(self, new: Config) -> defer.Deferred:
+        """Apply ``new`` by name (``gatewayd.reload``); reloads run one after the other. Fires
+        with the reload record (also kept as ``last_reload``)."""
+        return self._reload_lock.run(lambda: defer.ensureDeferred(self._reload(new)))
+
+    async def _reload(self, new: Config) -> dict[str, Any]:
+        if self._stopping is not None:
+            return self._reload_refused(["the daemon is stopping"])
+        usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)
+        self.notifier.notify(RELOADING="1", MONOTONIC_USEC=str(usec), STATUS="reloading")
+        try:
+            token = self._read_token(new)
+        except (OSError, ValueError) as exc:
+            self.notifier.notify(READY="1", STATUS=self._status_line())
+            return self._reload_refused([f"api.token_file: {exc}"])
+        old = self.config
+        plan = plan_reload(old, new)
+        keep_running_values(old, new)
+        for key in plan.needs_restart:
+            log.warn("reload: {key} changed; it takes effect at the next restart", key=key)
+        failed: dict[str, str] = {}
+        await self._reload_sinks(plan, new)
+        self.config = new
+        self.api_token = token
+        self._apply_settings(new)
+        await self._reload_plugins(plan, new, failed)
+        self.loaded_at = time.time()
+        self.last_reload = reload_record(self.loaded_at, plan, failed=failed)
+        self.notifier.notify(READY="1", STATUS=self._status_line())
+        log.info(
+            "reload applied: plugins {plugins}, sinks {sinks}, routes {routes}{restart}",
+            plugins=_summary(plan.plugins.as_dict()),
+            sinks=_summary(plan.sinks.as_dict()),
+            routes="changed" if plan.routes else "unchanged",
+            restart=f"; needs a restart: {', '.join(plan.needs_restart)}"
+            if plan.needs_restart
+            else "",
+        )
+        return self.last_reload
+
+    async def _reload_sinks(self, plan: ReloadPlan, new: Config) -> None:
+        """New sinks first, then the routes (between two events), then stop what went away.
+        A changed sink keeps its queue, so events routed to it wait there while it restarts."""
+        for name in plan.sinks.added:
+            self.sinks[name] = self._make_sink(name, new)
+        replaced = {name: self.sinks[name] for name in plan.sinks.changed}
+        removed = {name: self.sinks.pop(name) for name in plan.sinks.removed}
+        for name in plan.sinks.changed:
+            self.sinks[name] = self._make_sink(name, new)
+        self.pipeline = self._make_pipeline(new)  # atomic: the reactor runs one thing at a time
+        await defer.DeferredList([r.stop() for r in [*replaced.values(), *removed.values()]])
+        for name in [*plan.sinks.added, *plan.sinks.changed]:
+            self.sinks[name].start()
+        for name, runner in removed.items():
+            depth = runner.queue.depth
+            if depth:
+                log.warn(
+                    "reload: sink {sink} is removed; its queue {path} keeps {depth} events never "
+                    "delivered: name a sink {sink!r} again to deliver them, or delete the file",
+                    sink=name,
+                    path=str(runner.queue.path),
+                    depth=depth,
+                )
+
+    async def _reload_plugins(self, plan: ReloadPlan, new: Config, failed: dict[str, str]) -> None:
+        """Stop removed and changed instances, then start changed and added ones; a start
+        failure follows ``startup_error_behavior`` except that it never stops the daemon."""
+        for name in plan.plugins.reconfigured:
+            self.plugins[name].reconfigure(new.plugins[name])
+        leaving = [self.plugins.pop(name) for name in plan.plugins.removed + plan.plugins.changed]
+        await defer.DeferredList([host.stop() for host in leaving])
+        starting = {}
+        for name in plan.plugins.changed + plan.plugins.added:
+            self.plugins[name] = starting[name] = self._make_host(name, new)
+        results = await defer.DeferredList(
+            [host.start() for host in starting.values()], consumeErrors=True
+        )
+        for (name, host), (ok, _) in zip(starting.items(), results, strict=True):
+            if not ok or host.state == "failed":
+                failed[name] = host.error or "start failed"
+
+    def _apply_settings(self, config: Config) -> None:
+        """The core settings a reload applies in place."""
+        set_log_level(config.gateway.log_level)
+        self.commands.command_timeout = config.api.command_timeout
+        site = getattr(self.api_port, "factory", None)
+        if site is not None:
+            site.max_body_bytes = config.api.max_body_bytes
+            state = getattr(getattr(site, "resource", None), "api", None)
+            if state is not None:
+                state.config = config.api
+
+    def _status_line(self) -> str:
+        running = sum(1 for h in self.plugins.values() if h.state == "running")
+        return f"{running}/{len(self.plugins)} plugins running, {len(self.sinks)} sinks"
 
     def _start_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -362,3 +518,11 @@ class Daemon:
         self.history.stop()
         self._lag.stop()
         log.info("gatewayd {gateway} stopped", gateway=self.gateway_id)
+
+
+def _summary(changes: dict[str, list[str]]) -> str:
+    """``+a ~b -c`` for added, changed (or reconfigured) and removed names; ``unchanged``."""
+    parts = [f"+{n}" for n in changes["added"]]
+    parts += [f"~{n}" for n in changes["changed"] + changes["reconfigured"]]
+    parts += [f"-{n}" for n in changes["removed"]]
+    return " ".join(parts) or "unchanged"

@@ -619,7 +619,9 @@ def test_health_ok_then_degraded_by_a_failed_plugin(serve):
     body = json.loads(data)
     assert status == 200
     assert body["status"] == "ok" and body["gateway"] == "edge-01"
-    assert body["plugins"] == {"cabinets": {"type": "powerbank", "state": "running", "error": None}}
+    assert body["plugins"] == {
+        "cabinets": {"type": "powerbank", "state": "running", "error": None, "restarts": 0}
+    }
     sink = body["sinks"]["store"]
     assert (sink["state"], sink["last_error"], sink["queued"]) == ("ok", None, 3)
     assert 41.9 < sink["oldest_age_seconds"] < 50

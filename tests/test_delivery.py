@@ -74,6 +74,9 @@ class MemoryQueue:
     def subscribe(self, listener) -> None:
         self.listeners.append(listener)
 
+    def unsubscribe(self, listener) -> None:
+        self.listeners.remove(listener)
+
     def _ack(self, upto: int) -> None:
         self.entries = [e for e in self.entries if e[0] > upto]
 

@@ -178,6 +178,11 @@ class DurableQueue(QueueFile):
         """Call ``listener()`` on the reactor thread after each commit that added entries."""
         self._listeners.append(listener)
 
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        """Stop calling ``listener`` (a sink runner that stopped: a reload replaces it)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def _command(self, *command: Any) -> defer.Deferred:
         d = defer.Deferred()
         store = self._store
