@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
+
+import pytest_twisted
 
 from gatewayd.config import load_config
 from gatewayd.reload import keep_running_values, plan_reload, reload_record
+from gatewayd.testing import free_port
 
 BASE = """\
 gateway: {{id: box1, state_dir: {state}, log_level: info}}
@@ -88,3 +92,49 @@ def test_the_record_says_what_was_applied(tmp_path):
     assert record["failed"] == {"thermo": "start failed: port busy"}
     refused = reload_record(0.0, errors=["a.yaml:3: plugins.thermo.listen: bad"])
     assert refused["ok"] is False and refused["applied"] is None
+
+
+# --- applied to a daemon in this process ---------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_plugin_added_by_reload_that_cannot_start_never_stops_the_daemon(tmp_path):
+    from twisted.internet import reactor
+
+    from gatewayd.service import Daemon
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port, spare = busy.getsockname()[1], free_port()
+    text = f"""\
+gateway: {{id: t1, state_dir: {tmp_path / "state"}}}
+api: {{enabled: false}}
+plugins:
+  thermo: {{type: example, listen: "127.0.0.1:{spare}"}}
+sinks:
+  file: {{type: jsonl, path: events.jsonl}}
+routes:
+  - {{sinks: [file]}}
+"""
+    daemon = Daemon(config(tmp_path, text), reactor)
+    await daemon.start()
+    try:
+        added = text.replace(
+            "sinks:", f'  clash: {{type: example, listen: "127.0.0.1:{port}"}}\nsinks:', 1
+        )
+        (tmp_path / "gatewayd.yaml").write_text(added)
+        record = await daemon.reload_file()
+        assert record["ok"] is True and record["applied"]["plugins"]["added"] == ["clash"]
+        assert "Address already in use" in record["failed"]["clash"]
+        assert daemon.plugins["clash"].state == "failed"
+        assert daemon.plugins["thermo"].state == "running" and daemon._stopping is None
+
+        missing = added.replace("api: {enabled: false}", "api: {enabled: false, token_file: t}")
+        (tmp_path / "gatewayd.yaml").write_text(missing)
+        record = await daemon.reload_file()
+        assert record["ok"] is False and "api.token_file" in record["errors"][0]
+        assert daemon.last_reload is record and "clash" in daemon.plugins  # nothing changed
+    finally:
+        busy.close()
+        await daemon.stop()
