@@ -456,6 +456,11 @@ class Daemon:
             if not ok or host.state == "failed":
                 failed[name] = host.error or "start failed"
 
+    def _api_state(self) -> Any:
+        """The control API's ApiState (None without an API)."""
+        site = getattr(self.api_port, "factory", None)
+        return getattr(getattr(site, "resource", None), "api", None)
+
     def _apply_settings(self, config: Config) -> None:
         """The core settings a reload applies in place."""
         set_log_level(config.gateway.log_level)
@@ -463,9 +468,9 @@ class Daemon:
         site = getattr(self.api_port, "factory", None)
         if site is not None:
             site.max_body_bytes = config.api.max_body_bytes
-            state = getattr(getattr(site, "resource", None), "api", None)
-            if state is not None:
-                state.config = config.api
+        state = self._api_state()
+        if state is not None:
+            state.config = config.api
 
     def _status_line(self) -> str:
         running = sum(1 for h in self.plugins.values() if h.state == "running")
@@ -506,6 +511,9 @@ class Daemon:
         log.info("gatewayd {gateway} stopping", gateway=self.gateway_id)
         if self.api_port is not None:
             await defer.maybeDeferred(self.api_port.stopListening)
+            api = self._api_state()
+            if api is not None:  # open event streams keep their connections otherwise
+                api.close_streams()
         await defer.DeferredList([host.stop() for host in self.plugins.values()])
         await self._drain(self.config.gateway.shutdown_timeout / 2)
         # Sinks first (a delivery in flight is finished or abandoned, its batch stays queued),

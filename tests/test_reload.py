@@ -138,3 +138,39 @@ routes:
     finally:
         busy.close()
         await daemon.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_the_daemon_ends_open_event_streams(tmp_path):
+    from twisted.internet import reactor, threads
+
+    from gatewayd.service import Daemon
+
+    api = free_port()
+    text = f"""\
+gateway: {{id: t1, state_dir: {tmp_path / "state"}}}
+api: {{listen: "127.0.0.1:{api}"}}
+sinks:
+  file: {{type: jsonl, path: events.jsonl}}
+routes:
+  - {{sinks: [file]}}
+"""
+    daemon = Daemon(config(tmp_path, text), reactor)
+    await daemon.start()
+    client = socket.create_connection(("127.0.0.1", api), timeout=10)
+    client.sendall(b"GET /api/v1/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    def read(until: bytes | None) -> bytes:
+        received = b""
+        while (until is None or until not in received) and (chunk := client.recv(4096)):
+            received += chunk
+        return received
+
+    try:
+        received = await threads.deferToThread(read, b": connected")
+        reading = threads.deferToThread(read, None)
+        await daemon.stop()
+        received += await reading
+    finally:
+        client.close()
+    assert b"200 OK" in received and b"gatewayd is stopping" in received
