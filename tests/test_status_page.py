@@ -101,12 +101,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     directory = tmp_path_factory.mktemp("status-page")
     config = demo_config(directory)
     address = yaml.safe_load(config.read_text())["api"]["listen"]
-    state = directory / "state"
-    command = [sys.executable, "-m", "gatewayd", "demo", "-c", str(config)]
+    state = str(directory / "state")
+    command = [sys.executable, "-m", "gatewayd", "demo", "-c", str(config), "--state-dir", state]
     with (directory / "stdout.log").open("wb") as out, (directory / "stderr.log").open("wb") as err:
-        process = subprocess.Popen(
-            [*command, "--state-dir", str(state)], stdout=out, stderr=err, cwd=directory
-        )
+        process = subprocess.Popen(command, stdout=out, stderr=err, cwd=directory)
     running = Demo(f"http://{address}", process, directory)
     try:
         wait_for_port(int(address.rpartition(":")[2]), timeout=20)
@@ -232,8 +230,8 @@ def test_tail_shows_new_events_as_the_simulators_send_them(page: Any) -> None:
         "n => document.querySelectorAll('#tail li[data-type]').length > n", arg=seen
     )
     # filtered by plugin: only the thermometers' readings from now on
+    page.locator("#tail-plugin").fill("thermometers")  # the old stream is dropped at once
     page.locator("#tail-clear").click()
-    page.locator("#tail-plugin").fill("thermometers")
     expect(lines.first).to_be_visible()
     page.wait_for_function("() => document.querySelectorAll('#tail li[data-type]').length >= 3")
     plugins = set(lines.evaluate_all("nodes => nodes.map(n => n.dataset.plugin)"))

@@ -86,7 +86,7 @@
     const date = new Date(iso);
     if (Number.isNaN(date.getTime())) return String(iso);
     const seconds = Math.max(0, (Date.now() - date.getTime()) / 1000);
-    return `${fmtDuration(seconds < 10 ? Math.round(seconds) : seconds)} ago`;
+    return seconds < 60 ? `${Math.round(seconds)} s ago` : `${fmtDuration(seconds)} ago`;
   }
 
   /** A device's details as "key: value" pairs, objects as compact JSON. */
@@ -208,20 +208,27 @@
     $("version").textContent = status.version || "–";
     $("uptime").textContent = fmtDuration(status.uptime_seconds);
     $("config").textContent = describeConfig(status.config);
+    $("config").title = $("config").textContent; // cut short in the header, whole on hover
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     renderPlugins(status.plugins || {});
     renderSinks(status.sinks || {});
     knownPlugins(Object.keys(status.plugins || {}));
   }
 
+  /** The config file, when it was loaded, and how the last reload went (if there was one). */
   function describeConfig(config) {
     if (!config) return "–";
     let text = `${config.path} (loaded ${fmtTime(config.loaded_at)})`;
     const reload = config.last_reload;
     if (reload) {
-      const outcome = reload.outcome || reload.result || (reload.ok === false ? "failed" : "ok");
-      text += `; last reload ${outcome}`;
-      if (reload.error || reload.message) text += `: ${reload.error || reload.message}`;
+      const errors = reload.errors || [];
+      const failed = Object.entries(reload.failed || {});
+      const restart = reload.needs_restart || [];
+      let outcome = "applied";
+      if (reload.ok === false) outcome = `refused: ${errors[0] || "see the log"}${errors.length > 1 ? ` (+${errors.length - 1} more)` : ""}`;
+      else if (failed.length) outcome = `partly applied: ${failed.map(([name, why]) => `${name}: ${why}`).join("; ")}`;
+      text += `; last reload ${fmtTime(reload.at)} ${outcome}`;
+      if (restart.length) text += `; needs a restart for ${restart.join(", ")}`;
     }
     return text;
   }
