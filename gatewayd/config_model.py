@@ -11,7 +11,14 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from gatewayd.schema import ConfigModel, Duration, HostPort, PluginConfig, SinkConfig
+from gatewayd.schema import (
+    ByteSize,
+    ConfigModel,
+    Duration,
+    HostPort,
+    PluginConfig,
+    SinkConfig,
+)
 
 
 class GatewaySection(ConfigModel):
@@ -29,7 +36,8 @@ class ApiSection(ConfigModel):
     listen: HostPort = "127.0.0.1:8720"
     token_file: Path | None = None
     command_timeout: Duration = 60.0  # 0: no timeout
-    max_body_bytes: int = Field(65536, ge=1024)
+    #: A size: bytes, or ``64k``, ``1MiB`` (the bound applies to the bytes).
+    max_body_bytes: ByteSize = Field(65536, ge=1024)
     #: Event streams (``GET /api/v1/events/stream``) open at once; one more is answered 429.
     max_streams: int = Field(4, ge=1)
 
