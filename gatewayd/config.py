@@ -41,7 +41,14 @@ from gatewayd import registry
 from gatewayd.config_model import ApiSection, Config, GatewaySection, RouteConfig
 from gatewayd.files import NotPrivateError, read_private_text
 from gatewayd.plugin import Plugin
-from gatewayd.schema import PluginConfig, SinkConfig, is_loopback, read_secret, split_host_port
+from gatewayd.schema import (
+    PluginConfig,
+    SinkConfig,
+    is_loopback,
+    listeners,
+    read_secret,
+    split_host_port,
+)
 from gatewayd.sinks.base import Sink
 from gatewayd.yamlnodes import KeyPath, YamlDocument, YamlSyntaxError, format_path, load_yaml
 
@@ -455,19 +462,22 @@ class _FileChecker:
         plugins: dict[str, Any],
         sinks: dict[str, Any],
     ) -> None:
-        """Two listeners on one port, two sinks writing one file, a sink writing a queue file:
+        """Two listeners on one port of one transport (a UDP and a TCP listener may share
+        one: see ``schema.listeners``), two sinks writing one file, a sink writing a queue file:
         each would fail (or corrupt data) only once the daemon runs."""
-        listeners: list[tuple[KeyPath, str]] = []
+        found: list[tuple[KeyPath, str, str]] = []  # (key path, transport, address)
         if api is not None and api.enabled:
-            listeners.append((("api", "listen"), api.listen))
+            found.append((("api", "listen"), "tcp", api.listen))
         for name, model in plugins.items():
-            if isinstance(getattr(model, "listen", None), str):
-                listeners.append((("plugins", name, "listen"), model.listen))
-        for index, (path, address) in enumerate(listeners):
-            for earlier_path, earlier in listeners[:index]:
-                if _same_port(address, earlier):
+            for key, transport, address in listeners(model):
+                found.append((("plugins", name, key), transport, address))
+        for index, (path, transport, address) in enumerate(found):
+            for earlier_path, earlier_transport, earlier in found[:index]:
+                if transport == earlier_transport and _same_port(address, earlier):
                     where = format_path(earlier_path)
-                    self.error(path, f"{address} is also {where}'s address ({earlier})")
+                    self.error(
+                        path, f"{address} is also {where}'s {transport.upper()} address ({earlier})"
+                    )
                     break
         state_dir = self.path.parent / gateway.state_dir  # as the daemon resolves them
         queue_files = {(state_dir / "queues" / f"{name}.db").resolve() for name in sinks}

@@ -12,6 +12,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -33,6 +34,9 @@ __all__ = [
     "PluginConfig",
     "SinkConfig",
     "HostPort",
+    "UdpHostPort",
+    "Transport",
+    "listeners",
     "Duration",
     "PositiveDuration",
     "ByteSize",
@@ -188,7 +192,22 @@ def check_readable(path: str) -> str:
     return path
 
 
-HostPort = Annotated[str, BeforeValidator(parse_host_port)]
+Transport = Literal["tcp", "udp"]
+
+
+@dataclass(frozen=True)
+class _Listens:
+    """Field metadata: the transport a ``listen`` key's address is bound with. Pydantic keeps
+    it in ``FieldInfo.metadata``; ``listeners()`` and the config check read it."""
+
+    transport: Transport
+
+
+#: ``"host:port"`` of a TCP socket (``"[::1]:80"`` for IPv6; port 0 picks a free one).
+HostPort = Annotated[str, BeforeValidator(parse_host_port), _Listens("tcp")]
+#: ``"host:port"`` of a UDP socket: the same text as ``HostPort``; a ``listen`` key of this type
+#: may share its port with a TCP listener (the config check compares per transport).
+UdpHostPort = Annotated[str, BeforeValidator(parse_host_port), _Listens("udp")]
 #: A path to a file that must be readable when the config is checked (TLS CAs, certificates).
 ReadableFile = Annotated[str, AfterValidator(check_readable)]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -243,6 +262,27 @@ class SinkConfig(ConfigModel):
         return value
 
     _retry_max_at_least_initial = field_validator("retry_max")(at_least("retry_initial"))
+
+
+def listeners(config: BaseModel) -> list[tuple[str, Transport, str]]:
+    """``(key, transport, "host:port")`` for each address ``config`` listens on.
+
+    A listener is a key named ``listen`` or ``listen_*`` holding one address; its transport is
+    ``udp`` when the field is declared ``UdpHostPort``, else ``tcp``. Other address keys (a broker
+    to connect to) are not listeners. Why: two listeners on one port of one transport fail only
+    once the daemon runs; the config check finds them first, per transport.
+    """
+    found: list[tuple[str, Transport, str]] = []
+    for name, info in type(config).model_fields.items():
+        key = info.alias or name
+        if not (key == "listen" or key.startswith("listen_")):
+            continue
+        value = getattr(config, name, None)
+        if not isinstance(value, str):
+            continue
+        marks = [m.transport for m in info.metadata if isinstance(m, _Listens)]
+        found.append((key, marks[0] if marks else "tcp", value))
+    return found
 
 
 def read_secret(path: str | Path) -> str:

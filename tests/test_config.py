@@ -35,7 +35,14 @@ from gatewayd.config_model import (
     RouteConfig,
 )
 from gatewayd.plugin import Plugin
-from gatewayd.schema import ConfigModel, HostPort, PluginConfig, Secret, SinkConfig
+from gatewayd.schema import (
+    ConfigModel,
+    HostPort,
+    PluginConfig,
+    Secret,
+    SinkConfig,
+    UdpHostPort,
+)
 from gatewayd.sinks.base import Sink
 from gatewayd.yamlnodes import YamlSyntaxError, format_path, load_yaml
 
@@ -63,6 +70,19 @@ class FakePlugin(Plugin):
         auth_token: str | None = Field(None, min_length=8)
         pin: Secret | None = Field(None, min_length=6)
         limit: int | list[int] = 1
+
+
+class FakeUdpPlugin(Plugin):
+    """A plugin type listening on UDP (``listen``) and on TCP (``listen_admin``)."""
+
+    protocol = "fake-udp"
+
+    class Config(PluginConfig):
+        listen: UdpHostPort
+        listen_admin: HostPort = "127.0.0.1:0"
+
+
+UDP_PLUGIN = "tests.test_config:FakeUdpPlugin"
 
 
 class FakeSink(Sink):
@@ -1144,7 +1164,65 @@ def test_clashing_listeners_and_sink_files_are_refused(tmp_path: Path) -> None:
     )
     state = tmp_path / "state"
     assert errors_of(path) == [
-        f"{path}:4: plugins.a.listen: 0.0.0.0:8720 is also api.listen's address (127.0.0.1:8720)",
+        f"{path}:4: plugins.a.listen: 0.0.0.0:8720 is also api.listen's TCP address "
+        "(127.0.0.1:8720)",
         f"{path}:9: sinks.two.path: {state}/events.db is also sinks.one's",
         f"{path}:10: sinks.three.path: {state}/queues/one.db is a sink's queue file",
     ]
+
+
+def test_a_udp_listener_may_share_its_port_with_a_tcp_one(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        api: {{listen: "127.0.0.1:18720"}}
+        plugins:
+          datagrams: {{type: {UDP_PLUGIN}, listen: "127.0.0.1:18720", listen_admin: "[::1]:9000"}}
+          lines: {{type: {PLUGIN}, listen: "[::1]:9000"}}
+        """,
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    # the only clash: two TCP listeners on [::1]:9000, one of them a listen_* key
+    assert caught.value.errors == [
+        f"{path}:4: plugins.lines.listen: [::1]:9000 is also plugins.datagrams.listen_admin's "
+        "TCP address ([::1]:9000)"
+    ]
+
+
+def test_two_udp_listeners_on_one_port_are_refused_naming_both(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f"""
+        plugins:
+          first: {{type: {UDP_PLUGIN}, listen: "0.0.0.0:5683"}}
+          second: {{type: {UDP_PLUGIN}, listen: "127.0.0.1:5683"}}
+        """,
+    )
+    assert errors_of(path) == [
+        f"{path}:3: plugins.second.listen: 127.0.0.1:5683 is also plugins.first.listen's "
+        "UDP address (0.0.0.0:5683)"
+    ]
+
+
+def test_listeners_name_each_listen_key_with_its_transport() -> None:
+    from gatewayd.schema import listeners
+
+    config = FakeUdpPlugin.Config(type="x", listen="127.0.0.1:1", listen_admin="127.0.0.1:2")
+    assert listeners(config) == [
+        ("listen", "udp", "127.0.0.1:1"),
+        ("listen_admin", "tcp", "127.0.0.1:2"),
+    ]
+    assert listeners(FakePlugin.Config(type="x", listen="127.0.0.1:3")) == [
+        ("listen", "tcp", "127.0.0.1:3")
+    ]
+
+
+@pytest.mark.parametrize(("given", "expected"), [("64k", 65536), ("1MiB", 1048576), (2048, 2048)])
+def test_api_max_body_bytes_takes_size_suffixes(given: object, expected: int) -> None:
+    assert ApiSection(max_body_bytes=given).max_body_bytes == expected
+
+
+def test_api_max_body_bytes_keeps_its_lower_bound_with_a_suffix(tmp_path: Path) -> None:
+    path = write(tmp_path, "api: {max_body_bytes: 0.5k}\n")
+    assert errors_of(path) == [f"{path}:1: api.max_body_bytes: expected a value >= 1024, got 512"]
