@@ -174,11 +174,14 @@
     return payload;
   }
 
-  /** Run ``task`` now and then every ``ms`` after it finished (never two at once). */
+  /**
+   * Run ``task`` now and then every ``ms`` after it finished (never two at once). While the tab
+   * is hidden the task is skipped, so a forgotten tab costs the box nothing but the tail.
+   */
   function every(ms, task) {
     const run = async () => {
       try {
-        await task();
+        if (!document.hidden) await task();
       } catch (error) {
         showProblem(error);
       }
@@ -830,6 +833,11 @@
     every(CHARTS_EVERY_MS, refreshCharts);
     every(PLUGINS_EVERY_MS, refreshCommands);
     runTail();
+    // Back in view: refresh at once rather than at the next tick.
+    document.addEventListener("visibilitychange", () => {
+      if (document.hidden) return;
+      for (const task of [refreshStatus, refreshDevices, refreshCharts]) task().catch(showProblem);
+    });
   }
 
   if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
