@@ -1,4 +1,5 @@
-"""What plugin authors need in their tests: a harness, free ports, brokers, PostgreSQL, a pty.
+"""What plugin authors need in their tests: a harness, free ports, TCP and UDP peers, a fake
+reactor, brokers, PostgreSQL, a pty.
 
 ``PluginHarness`` runs one plugin with an in-memory ``EventCollector`` in place of the pipeline,
 so a test sees every event and can decide when an event becomes "durable". The pytest fixtures
@@ -15,6 +16,7 @@ import subprocess
 import tempfile
 import time
 import tty
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +31,16 @@ from gatewayd.plugin import Plugin, PluginContext
 from gatewayd.plugin import describe_validation_error as _describe
 from gatewayd.testing.nats import NatsCluster
 from gatewayd.testing.postgres import PostgresCluster
+from gatewayd.testing.reactors import FakeReactor, FakeUdpPort, ListeningReactor, port_address
+from gatewayd.testing.udp import DatagramPeer, free_udp_port, open_datagram_peer
 
 __all__ = [
     "ApiServer",
     "DaemonView",
+    "DatagramPeer",
+    "FakeReactor",
+    "FakeUdpPort",
+    "ListeningReactor",
     "EventCollector",
     "HostView",
     "PipelineCounters",
@@ -43,6 +51,9 @@ __all__ = [
     "PluginHarness",
     "PostgresCluster",
     "free_port",
+    "free_udp_port",
+    "open_datagram_peer",
+    "port_address",
     "pty_pair",
     "sleep",
     "wait_for_port",
@@ -182,8 +193,13 @@ class EventCollector:
 class PluginHarness:
     """Builds one plugin from a config dict, as the daemon would, with an EventCollector.
 
-    ``harness = PluginHarness(MyPlugin, {"listen": "127.0.0.1:0"}, reactor=clock_or_reactor)``;
-    then ``harness.start()``, ``harness.collector.events``, ``harness.call("cmd", {...})``.
+    ``harness = PluginHarness(MyPlugin, {"listen": "127.0.0.1:0"}, reactor=fake_or_real)``;
+    then ``harness.start()``, ``harness.address()`` (the port a ``:0`` listener got),
+    ``harness.collector.events``, ``harness.call("cmd", {...})``, ``harness.stop()``.
+
+    Without ``state_dir`` the plugin gets a new temporary directory, removed by ``stop()`` (and,
+    for a harness never stopped, once its plugin is garbage or the process exits); a
+    ``state_dir`` given is never removed: pass one to keep state across two harnesses.
     """
 
     def __init__(
@@ -209,24 +225,49 @@ class PluginHarness:
             raise ValueError(f"bad plugin config: {_describe(exc)}") from None
         self.collector = EventCollector(durable=durable)
         self.failures: list[BaseException] = []
+        self.reactor = reactor
+        #: The plugin's reactor: ``reactor``, recording the ports it listens on.
+        self.listening = ListeningReactor(reactor)
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="gatewayd-test-"))
         self.context = PluginContext(
             name=name,
             protocol=plugin_class.protocol,
             gateway_id="test-gw",
-            reactor=reactor,
+            reactor=self.listening,
             state_dir=self.state_dir,
             sink=self.collector,
             on_failure=self.failures.append,
             keys=self.collector,
         )
         self.plugin = plugin_class(name, self.config, self.context)
+        # Tied to the context, which the plugin keeps: not removed while the plugin may write.
+        self._remove_state_dir = (
+            weakref.finalize(self.context, shutil.rmtree, str(self.state_dir), True)
+            if state_dir is None
+            else None
+        )
 
     def start(self) -> defer.Deferred:
+        self.state_dir.mkdir(parents=True, exist_ok=True)  # again after a stop()
         return defer.maybeDeferred(self.plugin.start)
 
     def stop(self) -> defer.Deferred:
-        return defer.maybeDeferred(self.plugin.stop)
+        """Stop the plugin; then remove the temporary state directory, if the harness made it."""
+
+        def remove(result: Any) -> Any:
+            if self._remove_state_dir is not None:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            return result
+
+        return defer.maybeDeferred(self.plugin.stop).addBoth(remove)
+
+    def address(self, index: int = 0) -> tuple[str, int]:
+        """``(host, port)`` of the ``index``-th port the plugin listens on (TCP or UDP, in the
+        order it opened them): the real port of a ``listen: "127.0.0.1:0"``."""
+        ports = self.listening.ports
+        if index >= len(ports):
+            raise IndexError(f"the plugin opened {len(ports)} listening port(s), not {index + 1}")
+        return port_address(ports[index])
 
     def call(self, command: str, arguments: dict[str, Any] | None = None) -> defer.Deferred:
         """Run a command as the control API would (arguments validated by its model)."""
@@ -362,7 +403,7 @@ class ApiServer:
     def for_harness(
         cls, harness: PluginHarness, name: str, reactor: Any = None, command_timeout: float = 30.0
     ) -> ApiServer:
-        daemon = DaemonView(reactor or harness.context.reactor)
+        daemon = DaemonView(reactor or harness.reactor)
         type_name = harness.config.type
         daemon.plugins[name] = HostView(name, type_name, harness.plugin, harness.context)
         return cls(daemon, reactor, command_timeout)

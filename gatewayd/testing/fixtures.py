@@ -6,7 +6,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from gatewayd.testing import Mosquitto, NatsCluster, PostgresCluster, free_port, pty_pair
+from gatewayd.testing import (
+    Mosquitto,
+    NatsCluster,
+    PostgresCluster,
+    free_port,
+    free_udp_port,
+    pty_pair,
+)
 
 
 @pytest.fixture
@@ -52,6 +59,12 @@ def nats_cluster() -> Iterator[NatsCluster]:
 def tcp_port() -> int:
     """A free TCP port on 127.0.0.1."""
     return free_port()
+
+
+@pytest.fixture
+def udp_port() -> int:
+    """A free UDP port on 127.0.0.1."""
+    return free_udp_port()
 
 
 @pytest.fixture
