@@ -9,6 +9,7 @@ the message itself shows are written, so the JSON says no more than the text lin
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
     globalLogBeginner,
     textFileLogObserver,
@@ -86,6 +88,46 @@ def json_line(event: dict[str, Any]) -> str:
         return json.dumps(record, default=str, ensure_ascii=False) + "\n"
 
 
+_UDP_CLOSED = re.compile(r"\(UDP Port \d+ Closed\)")
+_PROTOCOL_STARTS = re.compile(r"(?:Starting|Stopping) protocol <.*>", re.S)
+_STARTING_ON = re.compile(r"(\S+) starting on \d+")
+
+
+def _datagram_protocol_names() -> set[str]:
+    """Class names of every ``DatagramProtocol`` subclass imported so far (read per line, so
+    a plugin imported later counts too; only for lines that look like a port opening)."""
+    from twisted.internet.protocol import AbstractDatagramProtocol
+
+    names, pending = set(), [AbstractDatagramProtocol]
+    while pending:
+        cls = pending.pop()
+        names.add(cls.__name__)
+        pending.extend(cls.__subclasses__())
+    return names
+
+
+def udp_noise(event: dict[str, Any]) -> PredicateResult:
+    """A log filter: drops the info lines Twisted writes for every UDP port, whoever opens it
+    (``X starting on N``, ``Starting protocol <...>``, ``Stopping protocol <...>``,
+    ``(UDP Port N Closed)``), which say nothing an operator needs and repeat on every reload.
+
+    ``Starting``/``Stopping protocol`` are written only for datagram protocols whose ``noisy``
+    is true (gatewayd's own set it false); ``starting on`` and ``Closed`` always are. TCP ports'
+    lines are kept. Twisted writes them through its legacy ``log.msg``: matched by text.
+    """
+    if event.get("log_namespace") != "log_legacy":
+        return PredicateResult.maybe
+    text = event.get("log_text")
+    if not isinstance(text, str):
+        return PredicateResult.maybe
+    if _UDP_CLOSED.fullmatch(text) or _PROTOCOL_STARTS.fullmatch(text):
+        return PredicateResult.no
+    starting = _STARTING_ON.fullmatch(text)
+    if starting and starting.group(1) in _datagram_protocol_names():
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def start_logging(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send log events at ``level`` and above to stderr as text lines or JSON lines.
 
@@ -96,7 +138,7 @@ def start_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
     global _predicate
     predicate = _predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(observer, [predicate])], redirectStandardIO=False
+        [FilteringLogObserver(observer, [predicate, udp_noise])], redirectStandardIO=False
     )
 
 

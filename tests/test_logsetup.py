@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest_twisted
 from twisted.logger import FileLogObserver, Logger
 
 from gatewayd.logsetup import json_line
@@ -50,3 +51,32 @@ def test_an_integer_beyond_64_bits_is_still_written():
 def test_objects_are_written_as_their_text():
     (record,) = logged(lambda log: log.info("error: {error}", error=ValueError("bad")))
     assert record["fields"] == {"error": "bad"} and record["message"] == "error: bad"
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_udp_port_lines_are_dropped_and_tcp_ones_kept():
+    """A third-party plugin's noisy DatagramProtocol on a real UDP port: its four info lines
+    do not reach gatewayd's log; a TCP port's opening line does."""
+    from twisted.internet import protocol, reactor
+    from twisted.logger import FilteringLogObserver, globalLogPublisher, textFileLogObserver
+
+    from gatewayd.logsetup import udp_noise
+
+    class ChattyDatagrams(protocol.DatagramProtocol):
+        pass  # noisy = True, as Twisted's default
+
+    stream = io.StringIO()
+    observer = FilteringLogObserver(textFileLogObserver(stream), [udp_noise])
+    globalLogPublisher.addObserver(observer)
+    try:
+        udp = reactor.listenUDP(0, ChattyDatagrams(), interface="127.0.0.1")
+        tcp = reactor.listenTCP(0, protocol.Factory.forProtocol(protocol.Protocol))
+        udp_port, tcp_port = udp.getHost().port, tcp.getHost().port
+        await udp.stopListening()
+        await tcp.stopListening()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = stream.getvalue()
+    assert f"Factory starting on {tcp_port}" in text
+    assert str(udp_port) not in text and "ChattyDatagrams" not in text
+    assert "protocol <" not in text
