@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import shutil
 import sys
 import tempfile
 import typing
@@ -52,7 +53,16 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the daemon plus every plugin's simulator, on loopback")
     demo.add_argument("-c", "--config", default=None, help="default: the bundled demo.yaml")
-    demo.add_argument("--state-dir", default=None, help="default: a new temporary directory")
+    demo.add_argument(
+        "--state-dir",
+        default=None,
+        help="default: a new temporary directory, removed on exit (a directory given is kept)",
+    )
+    demo.add_argument(
+        "--keep-state",
+        action="store_true",
+        help="keep the temporary state directory on exit (its path is printed at start)",
+    )
     demo.add_argument(
         "--duration", type=seconds_argument, default=None, help="stop after N seconds"
     )
@@ -151,6 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config or demo_config_path())
     if config is None:
         return 2
+    temporary = args.state_dir is None
     state_dir = Path(args.state_dir or tempfile.mkdtemp(prefix="gatewayd-demo-")).resolve()
 
     def demo_state(loaded: Any) -> None:  # at start and on every reload
@@ -159,7 +170,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     demo_state(config)
     from gatewayd.runner import run_daemon
 
-    return run_daemon(config, demo=True, duration=args.duration, config_overrides=demo_state)
+    removed = temporary and not args.keep_state
+    note = " (removed on exit; --keep-state keeps it)" if removed else ""
+    print(f"gatewayd demo: state in {state_dir}{note}", file=sys.stderr, flush=True)
+    try:
+        return run_daemon(config, demo=True, duration=args.duration, config_overrides=demo_state)
+    finally:
+        if removed:  # never a --state-dir the user gave: it may hold their data
+            shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
