@@ -152,3 +152,17 @@ def test_fake_reactor_listens_without_the_network_and_runs_a_clock() -> None:
 def test_udp_port_fixture_is_a_free_udp_port(udp_port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", udp_port))
+
+
+def test_a_configured_mosquitto_leaves_no_directory_behind() -> None:
+    from tests.heating.brokers import ConfiguredMosquitto, tls_broker
+
+    closed = ConfiguredMosquitto(["allow_anonymous true"])
+    closed.close()
+    assert not closed.directory.exists()
+    forgotten, _paths = tls_broker()
+    directory = forgotten.directory
+    assert (directory / "ca.pem").exists()
+    del forgotten
+    gc.collect()
+    assert not directory.exists()

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,16 @@ from gatewayd.testing import free_port, wait_for_port
 
 
 class ConfiguredMosquitto:
-    """mosquitto -c FILE on a free loopback port; ``lines`` are added to the config."""
+    """mosquitto -c FILE on a free loopback port; ``lines`` are added to the config.
+
+    Its directory (config, certificates, log) is removed by ``close()``, else once the broker
+    object is garbage or the test process exits: ``stop()`` keeps it, for a ``start()`` again or
+    a log read after the stop.
+    """
 
     def __init__(self, lines: list[str], directory: Path | None = None) -> None:
         self.directory = directory or Path(tempfile.mkdtemp(prefix="gatewayd-mosquitto-"))
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.directory), True)
         os.chmod(self.directory, 0o755)  # mosquitto drops root for the mosquitto user
         self.port = free_port()
         self.config = self.directory / "mosquitto.conf"
@@ -47,6 +54,11 @@ class ConfiguredMosquitto:
             self.process.terminate()
             self.process.wait(5)
         self.process = None
+
+    def close(self) -> None:
+        """Stop the broker and remove its directory."""
+        self.stop()
+        self._remove()
 
 
 def password_broker(username: str, password: str) -> ConfiguredMosquitto:
