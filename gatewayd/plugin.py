@@ -35,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from gatewayd.command_result import CommandReport
 from gatewayd.events import Event
 from gatewayd.logsetup import LogThrottle
 from gatewayd.schema import ConfigModel, PluginConfig
@@ -121,19 +122,37 @@ class DeviceTimeout(CommandError):
 
 @dataclass(frozen=True)
 class Command:
-    """A command a plugin accepts: its name, argument model and bound handler."""
+    """A command a plugin accepts: its name, argument model and bound handler.
+
+    ``device`` names the argument that holds the device id (the ``command.result`` event's
+    device); ``context`` is the plugin's, through which every call is reported as
+    ``command.result`` (``gatewayd.command_result``; None: not reported). ``private`` leaves
+    the arguments and the result out of that event (cryptograms, one-time values).
+    """
 
     name: str
     args: type[BaseModel] | None
     handler: Callable[..., Any]
     doc: str = ""
+    device: str | None = None
+    context: Any = field(default=None, compare=False, repr=False)
+    private: bool = False
 
     def call(self, arguments: dict[str, Any]) -> defer.Deferred:
         """Validate ``arguments`` and run the handler; always returns a Deferred.
 
         The handler receives the validated model (or nothing when the command takes no
         arguments) and returns a JSON-able result, a Deferred of one, or raises CommandError.
+        When its outcome is known the core emits ``command.result`` for it.
         """
+        if self.context is None:
+            return self._run(arguments)
+        report = CommandReport(self.name, arguments, self.context, self.device, self.private)
+        with self.context.reporting(report):  # the handler may annotate it synchronously
+            result = self._run(arguments)
+        return result.addBoth(report.finish)
+
+    def _run(self, arguments: dict[str, Any]) -> defer.Deferred:
         try:
             if self.args is None:
                 if arguments:
@@ -184,14 +203,18 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def command(name: str | None = None, args: type[BaseModel] | None = None):
-    """Mark a plugin method as a command: ``@command("lend", args=LendArgs)``.
+def command(
+    name: str | None = None, args: type[BaseModel] | None = None, device: str | None = None
+):
+    """Mark a plugin method as a command: ``@command("lend", args=LendArgs, device="imei")``.
 
-    ``args`` is a pydantic model (derive from ``ConfigModel`` to refuse unknown arguments).
+    ``args`` is a pydantic model (derive from ``ConfigModel`` to refuse unknown arguments);
+    ``device`` names the argument holding the device id, the device of its ``command.result``.
     """
 
     def mark(method: Callable[..., Any]) -> Callable[..., Any]:
-        method.__gatewayd_command__ = (name or method.__name__, args)  # type: ignore[attr-defined]
+        marker = (name or method.__name__, args, device)
+        method.__gatewayd_command__ = marker  # type: ignore[attr-defined]
         return method
 
     return mark
@@ -330,6 +353,7 @@ class PluginContext:
         #: The command invocation running now (set by the dispatcher, see ``invoked``); a
         #: handler reads it synchronously, before it returns its Deferred.
         self.invocation: Invocation = DIRECT
+        self._report: CommandReport | None = None  # the command being called (``reporting``)
         self.not_stored = 0  # events record() could not make durable
         self._not_stored_log = LogThrottle(reactor.seconds, NOT_STORED_LOG_INTERVAL)
         self._internal_error_log = LogThrottle(reactor.seconds, INTERNAL_ERROR_LOG_INTERVAL)
@@ -421,6 +445,22 @@ class PluginContext:
                 count=self.not_stored,
                 error=failure.getErrorMessage(),
             )
+
+    @contextlib.contextmanager
+    def reporting(self, report: CommandReport) -> Iterator[None]:
+        """Make ``report`` the command being called while the block runs (``Command.call``),
+        so that ``annotate`` reaches it; the previous one is restored after."""
+        previous, self._report = self._report, report
+        try:
+            yield
+        finally:
+            self._report = previous
+
+    def annotate(self, device: str | None = None, **details: Any) -> None:
+        """Add to the ``command.result`` of the command whose handler is running now (call it
+        synchronously in the handler): its ``device`` and keys of the plugin's own."""
+        if self._report is not None:
+            self._report.annotate(device, **details)
 
     @contextlib.contextmanager
     def invoked(self, invocation: Invocation) -> Iterator[None]:
@@ -553,9 +593,9 @@ class Plugin:
         for _, method in inspect.getmembers(self, inspect.ismethod):
             marker = getattr(method, "__gatewayd_command__", None)
             if marker:
-                cmd_name, args = marker
-                doc = inspect.getdoc(method) or ""
-                found[cmd_name] = Command(cmd_name, args, method, doc.split("\n")[0])
+                cmd_name, args, device = marker
+                doc = (inspect.getdoc(method) or "").split("\n")[0]
+                found[cmd_name] = Command(cmd_name, args, method, doc, device, self.context)
         return found
 
     @classmethod

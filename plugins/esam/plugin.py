@@ -144,9 +144,13 @@ ARGUMENT_MODELS: dict[str, type[ConfigModel]] = {
 
 @dataclass(frozen=True)
 class EsamCommand(Command):
-    """A library function as a command: the library's own validation gives codes 150N."""
+    """A library function as a command: the library's own validation gives codes 150N. Its
+    ``command.result`` is private (no arguments, no result: they are cryptographic material);
+    ``esam.operation`` describes the call."""
 
-    def call(self, arguments: dict[str, Any]) -> defer.Deferred:
+    private: bool = True
+
+    def _run(self, arguments: dict[str, Any]) -> defer.Deferred:
         return defer.maybeDeferred(self.handler, arguments)
 
 
@@ -263,6 +267,7 @@ class EsamPlugin(Plugin):
                 ARGUMENT_MODELS[function],
                 lambda arguments, function=function: self.submit(function, arguments),
                 spec.summary,
+                context=self.context,
             )
             for function, spec in FUNCTIONS.items()
         }
@@ -426,6 +431,7 @@ class EsamPlugin(Plugin):
 
     def submit(self, function: str, arguments: Mapping[str, Any]) -> defer.Deferred:
         """Validate, queue and run one library function; records its ``esam.operation`` event."""
+        self.context.annotate(device=self.device_id)  # the command.result's device: the reader
         context = call_context(function, arguments)
         try:
             args = validate_arguments(function, arguments)

@@ -153,7 +153,7 @@ class ThermometerPlugin(Plugin):
             for d, seen in sorted(self.last_seen.items())
         ]
 
-    @command("ping", args=PingArgs)
+    @command("ping", args=PingArgs, device="device")
     def ping(self, args: PingArgs) -> defer.Deferred:
         """Send PING to a thermometer and wait for its PONG."""
         conn = self.connections.get(args.device)

@@ -682,57 +682,26 @@ class HeatingPlugin(Plugin):
     def _finish(
         self, name: str, gw_id: str, pending: PendingCommand, to_result: Callable[[Any], Any]
     ) -> defer.Deferred:
-        """Turn the reply into the command's result and report it as ``command.result``
-        (with who asked: ``source`` and ``request_id``, read now, while the command is called)."""
-        d = pending.deferred
-        d.addCallback(to_result)
-        asked = self.context.invocation.as_data()
+        """Turn the reply into the command's result; its ``command.result`` (emitted by the
+        core) gets the gateway as device and the request's ``msg_id``."""
+        self.context.annotate(device=gw_id, msg_id=pending.msg_id)
+        return pending.deferred.addCallback(to_result)
 
-        def succeeded(result: Any) -> Any:
-            self.context.record(
-                "command.result",
-                gw_id,
-                {"command": name, "msg_id": pending.msg_id, "ok": True, "result": result, **asked},
-            )
-            return result
-
-        def failed(failure: Any) -> Any:
-            error = failure.value
-            if isinstance(error, CommandError):
-                described = error.to_dict()
-            else:
-                described = {"code": type(error).__name__, "message": str(error)}
-            self.context.record(
-                "command.result",
-                gw_id,
-                {
-                    "command": name,
-                    "msg_id": pending.msg_id,
-                    "ok": False,
-                    "error": described,
-                    **asked,
-                },
-            )
-            return failure
-
-        d.addCallbacks(succeeded, failed)
-        return d
-
-    @command("refresh", args=GatewayArgs)
+    @command("refresh", args=GatewayArgs, device="gw_id")
     def refresh(self, args: GatewayArgs) -> defer.Deferred:
         """Ask a gateway for its status (msg 1); works for gateways not heard from yet."""
         payload = hygw.build_status_request(args.gw_id)
         pending = self._send("refresh", args.gw_id, MSG_STATUS, payload, allow_unknown=True)
         return self._finish("refresh", args.gw_id, pending, status_data)
 
-    @command("get_periods", args=GatewayArgs)
+    @command("get_periods", args=GatewayArgs, device="gw_id")
     def get_periods(self, args: GatewayArgs) -> defer.Deferred:
         """Read the reporting periods and heating season (msg 2)."""
         payload = hygw.build_periods_request(args.gw_id)
         pending = self._send("get_periods", args.gw_id, MSG_PERIODS, payload)
         return self._finish("get_periods", args.gw_id, pending, periods_data)
 
-    @command("set_periods", args=SetPeriodsArgs)
+    @command("set_periods", args=SetPeriodsArgs, device="gw_id")
     def set_periods(self, args: SetPeriodsArgs) -> defer.Deferred:
         """Write the reporting periods (minutes) and heating season (MM-DD) (msg 12)."""
         try:
@@ -748,7 +717,7 @@ class HeatingPlugin(Plugin):
         pending = self._send("set_periods", args.gw_id, MSG_SET_PERIODS, payload)
         return self._finish("set_periods", args.gw_id, pending, _stat_only)
 
-    @command("read_now", args=ReadNowArgs)
+    @command("read_now", args=ReadNowArgs, device="gw_id")
     def read_now(self, args: ReadNowArgs) -> defer.Deferred:
         """Read meters now (msg 18): main (building valves), copy (household), upload."""
         payload = hygw.build_read_now(
@@ -757,14 +726,14 @@ class HeatingPlugin(Plugin):
         pending = self._send("read_now", args.gw_id, MSG_READ_NOW, payload)
         return self._finish("read_now", args.gw_id, pending, _stat_only)
 
-    @command("reboot", args=GatewayArgs)
+    @command("reboot", args=GatewayArgs, device="gw_id")
     def reboot(self, args: GatewayArgs) -> defer.Deferred:
         """Reboot the gateway (msg 30); it drops off (last will) and reports again."""
         payload = hygw.build_reboot(args.gw_id)
         pending = self._send("reboot", args.gw_id, MSG_REBOOT, payload)
         return self._finish("reboot", args.gw_id, pending, _stat_only)
 
-    @command("transparent", args=TransparentArgs)
+    @command("transparent", args=TransparentArgs, device="gw_id")
     def transparent(self, args: TransparentArgs) -> defer.Deferred:
         """Pass a raw frame to a meter bus port (msg 40) and return the meter's reply frames."""
         count = args.count or self.config.transparent_count
@@ -789,7 +758,7 @@ class HeatingPlugin(Plugin):
 
         return self._finish("transparent", args.gw_id, pending, result)
 
-    @command("set_valve", args=SetValveArgs)
+    @command("set_valve", args=SetValveArgs, device="gw_id")
     def set_valve(self, args: SetValveArgs) -> defer.Deferred:
         """Set a valve's opening (55H building or 53H household valve) through msg 40.
 

@@ -446,16 +446,15 @@ class PowerbankPlugin(Plugin):
             )
         return listed
 
-    @command("query", args=QueryArgs)
+    @command("query", args=QueryArgs, device="imei")
     def query(self, args: QueryArgs) -> defer.Deferred:
         """Ask a cabinet for the state of its slots (CQ → AQ); answers {"slots": [...]}."""
-        return self.registry.query(args.imei, origin=self.context.invocation.as_data())
+        return self.registry.query(args.imei)
 
-    @command("lend", args=LendArgs)
+    @command("lend", args=LendArgs, device="imei")
     def lend(self, args: LendArgs) -> defer.Deferred:
         """Lend (eject) power bank `bank` from `slot`; never resent, reconciled on timeout."""
-        origin = self.context.invocation.as_data()  # who asked: into command.result
-        return self.registry.lend(args.imei, args.slot, args.bank, origin=origin)
+        return self.registry.lend(args.imei, args.slot, args.bank)
 
     # --- command line ----------------------------------------------------------------------
 

@@ -461,14 +461,12 @@ class CabinetRegistry:
             raise NotFound(f"cabinet {imei} is offline")
         return cabinet
 
-    def query(self, imei: str, origin: dict[str, Any] | None = None) -> defer.Deferred:
-        """Command ``query``: CQ, and the AQ answer as ``{"slots": [...]}``; 404, 504.
-
-        ``origin`` (``source``, ``request_id``: who asked) goes into ``command.result``."""
+    def query(self, imei: str) -> defer.Deferred:
+        """Command ``query``: CQ, and the AQ answer as ``{"slots": [...]}``; 404, 504."""
         cabinet = self.online_cabinet(imei)
         answered = self._request_status(cabinet)
         answered.addCallback(lambda report: {"slots": slots_data(report.slots)})
-        return self._report_command(cabinet, answered, "query", {}, origin)
+        return answered
 
     def _request_status(self, cabinet: Cabinet) -> defer.Deferred:
         """Send CQ; fires with the next StatusReport, or DeviceTimeout after query_timeout."""
@@ -506,12 +504,8 @@ class CabinetRegistry:
 
     # --- lend -------------------------------------------------------------------------------
 
-    def lend(
-        self, imei: str, slot: int, bank: str, origin: dict[str, Any] | None = None
-    ) -> defer.Deferred:
-        """Command ``lend``: CC, then MC(BO) 200 / MR(BF) 502 / reconciled 200 / timeout 504.
-
-        ``origin`` (``source``, ``request_id``: who asked) goes into ``command.result``."""
+    def lend(self, imei: str, slot: int, bank: str) -> defer.Deferred:
+        """Command ``lend``: CC, then MC(BO) 200 / MR(BF) 502 / reconciled 200 / timeout 504."""
         cabinet = self.online_cabinet(imei)
         if cabinet.lend is not None:
             pending = cabinet.lend
@@ -529,8 +523,7 @@ class CabinetRegistry:
         lend.timer = self.clock.callLater(
             self.settings.lend_timeout, self._lend_timed_out, cabinet, lend
         )
-        arguments = {"slot": slot, "bank": bank}
-        return self._report_command(cabinet, lend.result, "lend", arguments, origin)
+        return lend.result
 
     def _lend_timed_out(self, cabinet: Cabinet, lend: PendingLend) -> None:
         """No MC/MR in time: never resend CC; ask for the status and reconcile from it."""
@@ -722,51 +715,6 @@ class CabinetRegistry:
         event_type = "return.succeeded" if packet.ok else "return.failed"
         durable = self.emit(event_type, cabinet.imei, data, raw, **self._keyed(key))
         self._remember(cabinet, packet, packet.ack(), durable)
-
-    # --- command.result ---------------------------------------------------------------------
-
-    def _report_command(
-        self,
-        cabinet: Cabinet,
-        result: defer.Deferred,
-        name: str,
-        arguments: dict[str, Any],
-        origin: dict[str, Any] | None = None,
-    ) -> defer.Deferred:
-        """Emit ``command.result`` when the command completes; the result passes through.
-
-        Its data says who asked: ``source`` (``http``, ``mqtt``; null for a direct call) and
-        ``request_id`` (the MQTT id or HTTP ``Idempotency-Key``; null without one)."""
-        started = self.clock.seconds()
-        asked = {"source": None, "request_id": None, **(origin or {})}
-
-        def report(outcome: Any) -> Any:
-            data: dict[str, Any] = {"command": name, "arguments": arguments, **asked}
-            if isinstance(outcome, Failure):
-                error = outcome.value
-                if isinstance(error, defer.CancelledError):
-                    return outcome
-                data["outcome"] = _failure_outcome(error)
-                data["error"] = {
-                    "code": getattr(error, "code", "internal"),
-                    "message": getattr(error, "message", str(error)),
-                }
-            else:
-                data["outcome"] = outcome.get("outcome", "ok")
-                data["result"] = outcome
-            data["seconds"] = round(self.clock.seconds() - started, 3)
-            self.record("command.result", cabinet.imei, data, None)
-            return outcome
-
-        return result.addBoth(report)
-
-
-def _failure_outcome(error: BaseException) -> str:
-    if isinstance(error, DeviceTimeout):
-        return "timeout"
-    if isinstance(error, DeviceRefused):
-        return "failed"
-    return "error"
 
 
 def _settle(d: defer.Deferred, result: Any) -> None:

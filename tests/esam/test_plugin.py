@@ -111,7 +111,13 @@ def test_every_function_with_the_soft_backend_and_its_events(tmp_path):
         "meter": "000000000001",
         "outcome": "ok",
     }
-    assert harness.collector.types()[-2:] == ["device.offline", "esam.operation"]
+    assert harness.collector.types()[-3:] == ["device.offline", "esam.operation", "command.result"]
+    # The core's command.result for each call keeps the cryptographic material out.
+    results = harness.collector.of_type("command.result")
+    assert [e.data["command"] for e in results] == order
+    for event in results:
+        assert event.device == "esam" and event.data["arguments"] == {}
+        assert "result" not in event.data and event.data["outcome"] == "ok"
     (device,) = harness.plugin.devices()
     assert (device.id, device.online, device.details["card"]) == ("esam", False, "closed")
 

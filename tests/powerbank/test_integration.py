@@ -388,13 +388,26 @@ def test_every_flow_through_the_control_api_into_sqlite(tmp_path):
         ("return.succeeded", 1, "B1"),
         ("return.failed", 2, "B2"),
     ]
-    types = [t for t, _, _ in found]
+    types = [t for t, _, _ in found if t != "command.result"]
     assert types[0] == "device.online" and types[-1] == "device.offline"
     assert types.count("slots.status") == 3 and types.count("alarm.slot_fault") == 1
     invalid = [d for t, _, d in found if t == "frame.invalid"]
     assert [d["reason"] for d in invalid] == ["crc"]
+    # The core's command.result for every command, refused ones too (404 offline, 409 busy).
     outcomes = [d["outcome"] for t, _, d in found if t == "command.result"]
-    assert outcomes == ["ok", "succeeded", "failed", "reconciled", "timeout", "ok"]
+    assert outcomes == [
+        "rejected",
+        "ok",
+        "succeeded",
+        "rejected",
+        "failed",
+        "reconciled",
+        "timeout",
+        "ok",
+    ]
+    results = [d for t, _, d in found if t == "command.result"]
+    assert results[0]["error"]["code"] == "not_found" and results[0]["source"] == "http"
+    assert results[2]["arguments"] == {"imei": IMEI, "slot": 1, "bank": "B1"}
     assert all(device == IMEI for _, device, _ in found)
 
 

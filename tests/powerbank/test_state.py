@@ -239,16 +239,10 @@ def test_query_sends_cq_and_answers_with_the_status():
         {"slot": 3, "state": "fault", "bank": None},
     ]
     assert outcome == [{"slots": slots}]
-    assert flows.types() == ["device.online", "slots.status", "alarm.slot_fault", "command.result"]
+    # command.result is the core's (Command.call), not the registry's: see test_plugin_commands
+    assert flows.types() == ["device.online", "slots.status", "alarm.slot_fault"]
     assert flows.data("slots.status") == [{"slots": slots}]
     assert flows.data("alarm.slot_fault") == [{"slot": 3, "bank": None}]
-    result = flows.data("command.result")[0]
-    assert (result["command"], result["outcome"], result["result"]) == (
-        "query",
-        "ok",
-        {"slots": slots},
-    )
-    assert (result["source"], result["request_id"]) == (None, None)  # a direct call
     # A slot that stays faulted raises no new alarm; a newly faulted one does.
     flows.receive(conn, status(SlotStatus(2, SlotState.FAULT), SlotStatus(3, SlotState.FAULT)))
     assert flows.data("alarm.slot_fault") == [{"slot": 3, "bank": None}, {"slot": 2, "bank": None}]
@@ -263,7 +257,6 @@ def test_query_without_answer_is_504():
     assert outcome == []
     flows.clock.advance(0.2)
     assert outcome[0].check(DeviceTimeout)
-    assert flows.data("command.result")[0]["outcome"] == "timeout"
     assert flows.clock.getDelayedCalls() == []
 
 
@@ -274,8 +267,7 @@ def test_lend_succeeded_is_acknowledged_only_after_the_event_is_durable():
     flows = Flows()
     conn = flows.connect()
     flows.release()
-    origin = {"source": "mqtt", "request_id": "req-42"}
-    outcome = results(flows.registry.lend(IMEI, 2, BANK, origin=origin))
+    outcome = results(flows.registry.lend(IMEI, 2, BANK))
     assert conn.sent == [LendRequest(IMEI, 2, BANK)]
     flows.receive(conn, LendResult(IMEI, 2, BANK, True))
     assert flows.data("lend.succeeded") == [{"slot": 2, "bank": BANK, "requested": True}]
@@ -285,13 +277,6 @@ def test_lend_succeeded_is_acknowledged_only_after_the_event_is_durable():
     flows.release()
     assert conn.sent[1:] == [LendResultAck(IMEI, 2, BANK, True)]
     assert outcome == [{"outcome": "succeeded", "slot": 2, "bank": BANK}]
-    result = flows.data("command.result")[0]
-    assert (result["command"], result["arguments"], result["outcome"]) == (
-        "lend",
-        {"slot": 2, "bank": BANK},
-        "succeeded",
-    )
-    assert (result["source"], result["request_id"]) == ("mqtt", "req-42")
     assert flows.clock.getDelayedCalls() == []  # the lend timer is gone
     assert flows.registry.cabinets[IMEI].inventory[2] == {"slot": 2, "state": "empty", "bank": None}
 
@@ -307,7 +292,6 @@ def test_lend_failed_is_refused_502_and_ar_after_durable():
     assert conn.sent[1:] == [LendResultAck(IMEI, 1, BANK, False)]
     assert outcome[0].check(DeviceRefused)
     assert outcome[0].value.code == "lend_failed"
-    assert flows.data("command.result")[0]["outcome"] == "failed"
 
 
 def test_second_lend_on_the_same_cabinet_is_busy():
@@ -333,7 +317,6 @@ def test_lend_timeout_is_reconciled_when_the_bank_left_the_slot():
     flows.receive(conn, status(SlotStatus(1, SlotState.FULL, "B1")))
     assert flows.data("lend.reconciled") == [{"slot": 2, "bank": BANK, "via": "status"}]
     assert outcome == [{"outcome": "reconciled", "slot": 2, "bank": BANK, "via": "status"}]
-    assert flows.data("command.result")[0]["outcome"] == "reconciled"
     # A late MC after that is acknowledged, but the lend is not recorded twice.
     flows.receive(conn, LendResult(IMEI, 2, BANK, True))
     assert conn.sent[-1] == LendResultAck(IMEI, 2, BANK, True)
@@ -592,7 +575,6 @@ def test_result_events_carry_the_frame_key_and_nothing_else_does():
         "heartbeat",
         "slots.status",
         "alarm.slot_fault",
-        "command.result",
     }
 
 
@@ -673,7 +655,7 @@ def test_late_result_of_a_lend_that_timed_out_before_a_restart_is_reconciled_onc
     outcome = results(flows.registry.lend(IMEI, 1, BANK))
     flows.clock.pump([20, 10])  # no MC, no AQ: lend.timeout
     assert outcome[0].check(DeviceTimeout)
-    assert flows.types()[-2:] == ["lend.timeout", "command.result"]
+    assert flows.types()[-1] == "lend.timeout"
 
     again = flows.restart()
     conn = again.connect()
