@@ -8,9 +8,10 @@ Layers, each replaceable on its own:
 1. ``normalise_line``: the tolerance the seed document forces on us (whitespace around fields,
    ``\r\n`` or ``\n``, full-width punctuation, modem noise before ``{"``) -> one canonical
    ASCII frame. Separators (``,`` / ``.`` / `` .``) are left to the declaration.
-2. ``FRAME``: the construct declaration of the canonical frame. Text fields are ``_Token`` fields
-   read through Adapters that validate and type them; the same declaration builds the frame,
-   CRC included (``_CrcText`` computes it from the bytes built before it).
+2. ``FRAME``: the construct declaration of the canonical frame. Text fields are ``Token`` fields
+   read through ``TextAdapter``s that validate and type them (``gatewayd.protocols.text``); the
+   same declaration builds the frame, CRC included (a ``CrcText`` computes it from the bytes built
+   before it).
 3. ``Codec``: normalise, parse, check the CRC under ``CrcSettings`` (``strict`` / ``log`` /
    ``off``), or build.
 
@@ -27,7 +28,6 @@ from enum import StrEnum
 from typing import Any, ClassVar, Final
 
 from construct import (
-    Adapter,
     Const,
     Construct,
     ConstructError,
@@ -41,6 +41,7 @@ from construct import (
 
 from .crc import ALGORITHMS, BYTE_ORDERS, LETTER_CASES, crc16_function, crc16_text
 from .errors import PowerbankError
+from .text import CrcText, TextAdapter, Token
 
 __all__ = [
     "ERROR_REASONS",
@@ -449,64 +450,8 @@ def _normalise(line: bytes | str, max_length: int) -> _Line:
 # --------------------------------------------------------------------------------------------
 
 
-class _Token(Construct):
-    """Text up to the first byte of ``stops`` (consumed unless ``keep_stop``), as ``str``.
-
-    Building writes the text and then ``build_stop``. Needs the in-memory stream that
-    ``Construct.parse(bytes)`` creates; a missing stop byte is a ``format`` error.
-    """
-
-    def __init__(self, stops: bytes, build_stop: bytes, *, keep_stop: bool = False) -> None:
-        super().__init__()
-        self.stops = stops
-        self.build_stop = build_stop
-        self.keep_stop = keep_stop
-        self._single = stops if len(stops) == 1 else None
-        self._search = re.compile(b"[" + re.escape(stops) + b"]").search
-
-    def _parse(self, stream: Any, context: Any, path: str) -> str:
-        data = stream.getvalue()
-        start = stream.tell()
-        if self._single is not None:
-            end = data.find(self._single, start)
-        else:
-            found = self._search(data, start)
-            end = -1 if found is None else found.start()
-        if end < 0:
-            raise _fail("format", f"no {self.stops.decode()!r} after the field at offset {start}")
-        stream.seek(end if self.keep_stop else end + 1)
-        return data[start:end].decode("latin-1")
-
-    def _build(self, obj: str, stream: Any, context: Any, path: str) -> str:
-        stream.write(obj.encode("ascii") + self.build_stop)
-        return obj
-
-
-class _CompilableAdapter(Adapter):
-    """An Adapter whose parsing compiles: ``compile()`` inlines its subcon and calls ``_decode``.
-
-    Without this, construct's compiler falls back to the interpreted parser for the whole subtree
-    under an Adapter; building likewise (measured: 2x faster builds).
-    """
-
-    def _emitparse(self, code: Any) -> str:
-        self._compileinstance(code)
-        return f"linkedinstances[{id(self)}]._decode({self.subcon._compileparse(code)}, this, None)"
-
-    def _emitbuild(self, code: Any) -> str:
-        self._compileinstance(code)
-        encoded = f"linkedinstances[{id(self)}]._encode(obj, this, None)"
-        return f"reuse({encoded}, lambda obj: ({self.subcon._compilebuild(code)}))"
-
-
-class _Ascii(_CompilableAdapter):
+class _Ascii(TextAdapter):
     """A text field's ``str`` <-> its typed value; subclasses validate (each with its reason)."""
-
-    def _decode(self, obj: str, context: Any, path: str) -> Any:
-        return obj
-
-    def _encode(self, obj: Any, context: Any, path: str) -> str:
-        return obj
 
 
 class _ImeiField(_Ascii):
@@ -598,7 +543,7 @@ class _SlotListField(_Ascii):
         return "".join(entries)
 
 
-class _CrcText(_Ascii):
+class _CrcText(CrcText):
     """The 4 hex digits of the CRC as received (reason ``crc``; ``format`` if fields are off).
 
     Building writes the value given, or by default the CRC that the ``crc_text`` build parameter
@@ -606,8 +551,7 @@ class _CrcText(_Ascii):
     """
 
     def __init__(self, subcon: Construct) -> None:
-        super().__init__(subcon)
-        self.flagbuildnone = True  # built from the body when no value is given
+        super().__init__(subcon, compute="crc_text", start="body_offset", error=PowerbankError)
 
     def _decode(self, obj: str, context: Any, path: str) -> str:
         if _HEX4.fullmatch(obj):
@@ -616,19 +560,8 @@ class _CrcText(_Ascii):
             raise _fail("format", f"expected one CRC field after the data, got {obj!r}")
         raise _fail("crc", f"CRC must be 4 hex digits, got {obj!r}")
 
-    def _emitbuild(self, code: Any) -> str:
-        raise NotImplementedError  # builds through _build below, which computes the CRC
 
-    def _build(self, obj: str | None, stream: Any, context: Any, path: str) -> str:
-        if obj is None:
-            obj = context["_params"]["crc_text"](stream.getvalue()[context["body_offset"] :])
-        elif not isinstance(obj, str) or not _HEX4.fullmatch(obj):
-            raise _fail("crc", f"a forced CRC must be 4 hex digits, got {obj!r}")
-        self.subcon._build(obj, stream, context, path)
-        return obj
-
-
-class _PacketField(_CompilableAdapter):
+class _PacketField(TextAdapter):
     """``{imei, command, data}`` of the body Struct <-> a typed ``Packet``."""
 
     def _decode(self, obj: Any, context: Any, path: str) -> Packet:
@@ -646,9 +579,9 @@ class _PacketField(_CompilableAdapter):
         return {"imei": packet.imei, "command": packet.command, "data": data}
 
 
-def _field(stops: bytes = b",", build_stop: bytes = b",") -> _Token:
+def _field(stops: bytes = b",", build_stop: bytes = b",") -> Token:
     """A comma-terminated (by default) text field."""
-    return _Token(stops, build_stop)
+    return Token(stops, build_stop, error=PowerbankError)
 
 
 _SLOT_THEN_BANK: Final = (
@@ -712,7 +645,7 @@ FRAME: Final = Struct(
     Const(b'{"'),
     "body_offset" / Tell,
     "body" / BODY,
-    "crc" / _CrcText(_Token(b'"', b"", keep_stop=True)),
+    "crc" / _CrcText(Token(b'"', b"", keep_stop=True, error=PowerbankError)),
     Const(b'"}\r\n'),
     Terminated,
 )
