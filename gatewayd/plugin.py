@@ -4,7 +4,8 @@ Lifecycle of one plugin instance (``plugins.<name>`` in the config):
 
 1. The config section is validated against ``Plugin.Config`` before anything starts; a bad key
    stops the daemon with ``file:line: plugins.<name>.<key>: message``.
-2. ``Plugin(name, config, context)`` is constructed: no I/O here.
+2. ``Plugin(name, config, context)`` is constructed and calls ``init()``, where a plugin makes
+   its state: no I/O here.
 3. ``start()`` opens listeners, connections and ports; it may return a Deferred. If it fails the
    instance's ``startup_error_behavior`` decides: ``error`` stops the daemon, ``retry`` retries with
    backoff, ``ignore`` marks the plugin failed and the rest run on.
@@ -400,6 +401,15 @@ class PluginContext:
             metrics.frames_invalid += 1
         return self._sink(event)
 
+    def frame_in(self, count: int = 1) -> None:
+        """Count frames received from devices (``gatewayd_plugin_frames_in_total``): call it
+        once per frame, before decoding, so that invalid frames are counted too."""
+        self.metrics.frames_in += count
+
+    def frame_out(self, count: int = 1) -> None:
+        """Count frames sent to devices (``gatewayd_plugin_frames_out_total``)."""
+        self.metrics.frames_out += count
+
     def record(
         self,
         type: str,
@@ -554,6 +564,16 @@ class Plugin:
         self.config = config
         self.context = context
         self.log = context.log
+        self.init()
+
+    def init(self) -> None:
+        """Create the plugin's state: called once, at construction, before ``start()``.
+
+        No I/O here (open ports in ``start()``). Why: state made here exists whatever happens
+        to ``start()``, so ``stop()``, ``devices()`` and commands never need ``getattr`` guards
+        for a start that failed half-way; and a restart by the supervisor is a new instance, so
+        nothing carries over from the failed one. Override it instead of ``__init__``.
+        """
 
     @property
     def reactor(self) -> Any:

@@ -40,7 +40,7 @@ class Crashy(Plugin):
         return self.port.stopListening()
 
     def datagram(self, text: str) -> None:
-        self.context.metrics.frames_in += 1
+        self.context.frame_in()
         if text == "crash":
             self.reactor.callLater(0, self.context.guard(self._broken_timer))
             return

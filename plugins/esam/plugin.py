@@ -252,9 +252,9 @@ class EsamPlugin(Plugin):
 
     config: EsamConfig
 
-    def __init__(self, name: str, config: EsamConfig, context: Any) -> None:
-        super().__init__(name, config, context)
-        self.device_id = config.reader_name or name
+    def init(self) -> None:
+        config, context = self.config, self.context
+        self.device_id = config.reader_name or self.name
         self.queue = OperationQueue(context.reactor, config.max_queue)
         self.soft: SoftBackend | None = None
         self.reader: ReaderBackend | None = None
@@ -370,11 +370,11 @@ class EsamPlugin(Plugin):
         )
 
     def _frame_received(self, frame: Any) -> None:
-        self.context.metrics.frames_in += 1
+        self.context.frame_in()
         self.last_seen = time.time()
 
     def _frame_sent(self, frame: Any) -> None:
-        self.context.metrics.frames_out += 1
+        self.context.frame_out()
 
     def _refresh_online(self) -> None:
         if self.soft is not None:

@@ -66,7 +66,7 @@ class ThermometerProtocol(LineOnlyReceiver):
         self.pending_ping: defer.Deferred | None = None
 
     def lineReceived(self, line: bytes) -> None:
-        self.plugin.context.metrics.frames_in += 1
+        self.plugin.context.frame_in()
         text = line.decode("utf-8", "replace").strip()
         if text == "PONG":  # a late PONG (after the timeout) is dropped quietly
             ping, self.pending_ping = self.pending_ping, None
@@ -87,7 +87,7 @@ class ThermometerProtocol(LineOnlyReceiver):
         self.transport.loseConnection()
 
     def send(self, text: str) -> None:
-        self.plugin.context.metrics.frames_out += 1
+        self.plugin.context.frame_out()
         self.sendLine(text.encode())
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -100,17 +100,18 @@ class ThermometerPlugin(Plugin):
     protocol = "example"
     Config = ThermometerConfig
 
-    port: Any = None  # the listening port, once start() opened it
-
-    def start(self) -> None:
+    def init(self) -> None:
+        self.port: Any = None  # the listening port, once start() opened it
         self.connections: dict[str, ThermometerProtocol] = {}
         self.last_seen: dict[str, float] = {}
+
+    def start(self) -> None:
         factory = protocol.Factory.forProtocol(lambda: ThermometerProtocol(self))
         host, port = split_host_port(self.config.listen)
         self.port = self.reactor.listenTCP(port, factory, interface=host)
 
     def stop(self) -> defer.Deferred:
-        for connection in list(getattr(self, "connections", {}).values()):
+        for connection in list(self.connections.values()):
             connection.transport.loseConnection()
         if self.port is None:  # start() failed before it listened
             return defer.succeed(None)

@@ -196,8 +196,8 @@ class HeatingPlugin(Plugin):
 
     config: HeatingConfig
 
-    def __init__(self, name: str, config: HeatingConfig, context: Any) -> None:
-        super().__init__(name, config, context)
+    def init(self) -> None:
+        config = self.config
         self.prefix = config.topic_prefix
         self.registry = GatewayRegistry(self.reactor, config.max_gateways)
         self.correlator = Correlator(self.reactor)
@@ -325,7 +325,7 @@ class HeatingPlugin(Plugin):
 
     def on_mqtt_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:
         """One MQTT message; returns a Deferred that fires when its events are durable."""
-        self.context.metrics.frames_in += 1
+        self.context.frame_in()
         with self.context.handling(None, lambda: _text(payload)[:MAX_RAW], topic=topic) as handled:
             return self._dispatch(topic, payload, bool(qos or retain))
         return handled.deferred  # the frame.invalid (internal_error) the bug became
@@ -640,7 +640,7 @@ class HeatingPlugin(Plugin):
             hygw.topic("get", gw_id, self.prefix), payload, qos=self.config.command_qos
         )
         sent.addErrback(lambda failure: None)  # a stop before PUBACK; the command times out
-        self.context.metrics.frames_out += 1
+        self.context.frame_out()
 
     def _send(
         self,

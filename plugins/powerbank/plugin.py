@@ -234,8 +234,8 @@ class PowerbankPlugin(Plugin):
 
     config: PowerbankConfig
 
-    def __init__(self, name: str, config: PowerbankConfig, context: Any) -> None:
-        super().__init__(name, config, context)
+    def init(self) -> None:
+        config, context = self.config, self.context
         self.codec = Codec(config.crc.settings(), max_length=config.max_line)
         self.allowed: IdList | None = None
         if config.allow_imei is not None or config.allow_imei_file is not None:
@@ -365,7 +365,7 @@ class PowerbankPlugin(Plugin):
 
     def frame_received(self, conn: CabinetConnection, frame: bytes) -> None:
         """Parse one frame; a bad one is ``frame.invalid``, a good one goes to the registry."""
-        self.context.metrics.frames_in += 1
+        self.context.frame_in()
         raw = frame_text(frame)
         try:
             decoded = self.codec.decode(frame)
@@ -413,7 +413,7 @@ class PowerbankPlugin(Plugin):
         self.registry.connection_lost(conn, reason)
 
     def encode(self, packet: Packet) -> bytes:
-        self.context.metrics.frames_out += 1
+        self.context.frame_out()
         return self.codec.build(packet)
 
     # --- devices and commands --------------------------------------------------------------
