@@ -33,7 +33,7 @@ class WeatherProtocol(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         context = self.plugin.context
-        context.metrics.frames_in += 1
+        context.frame_in()  # every datagram, valid or not
         match = WEATHER.fullmatch(data.strip())
         if match is None:
             context.record("frame.invalid", None, {"reason": "format"}, raw=data.hex())
@@ -43,7 +43,7 @@ class WeatherProtocol(DatagramProtocol):
             self.plugin.reading(station, celsius, data.decode(), addr)
 
     def answer(self, text: str, addr: tuple[str, int]) -> None:
-        self.plugin.context.metrics.frames_out += 1
+        self.plugin.context.frame_out()
         self.transport.write(text.encode(), addr)
 
 
@@ -51,11 +51,12 @@ class WeatherPlugin(Plugin):
     protocol = "weather"
     Config = WeatherConfig
 
-    port: Any = None
-
-    def start(self) -> None:
+    def init(self) -> None:
         self.last_seen: dict[str, float] = {}
         self.datagrams = WeatherProtocol(self)
+        self.port: Any = None
+
+    def start(self) -> None:
         host, port = split_host_port(self.config.listen)
         self.port = self.reactor.listenUDP(port, self.datagrams, interface=host)
 
