@@ -593,7 +593,7 @@ class HeatingPlugin(Plugin):
         moved = self.registry.moved_elsewhere(device, since)
         if moved is None:
             return
-        self.context.record("device.offline", device, {"reason": f"moved to box {gateway}"})
+        self.context.record("device.offline", device, {"reason": "moved_elsewhere", "box": gateway})
         self.log.info("gateway {gw_id} is heard by box {box} now", gw_id=device, box=gateway)
 
     def devices_online(self) -> int:

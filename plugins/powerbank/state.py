@@ -171,6 +171,7 @@ class Cabinet:
         "closed_lends",
         "replies",
         "queries",
+        "moved_to",
     )
 
     def __init__(self, imei: str) -> None:
@@ -189,6 +190,7 @@ class Cabinet:
         self.closed_lends: dict[tuple[int, str], tuple[str, float]] = {}
         self.replies: dict[Packet, _Reply] = {}
         self.queries: list[tuple[defer.Deferred, Any]] = []
+        self.moved_to: str | None = None  # the box that announced it, when we let it go
 
     @property
     def online(self) -> bool:
@@ -323,7 +325,8 @@ class CabinetRegistry:
             return False
         if cabinet.connected_at >= since:
             return False  # ours is the newer connection: the other box will let go
-        cabinet.connection.close(f"moved to box {gateway}")
+        cabinet.moved_to = gateway  # device.offline says where: reason moved_elsewhere, box
+        cabinet.connection.close("moved_elsewhere")
         return True
 
     def connection_lost(self, conn: Connection, reason: str) -> None:
@@ -336,9 +339,10 @@ class CabinetRegistry:
         cabinet.connection = None
         cabinet.online_since = None
         self.online_count -= 1
-        self.record(
-            "device.offline", cabinet.imei, {"reason": reason, "address": conn.address}, None
-        )
+        data = {"reason": reason, "address": conn.address}
+        if reason == "moved_elsewhere" and cabinet.moved_to is not None:
+            data["box"], cabinet.moved_to = cabinet.moved_to, None
+        self.record("device.offline", cabinet.imei, data, None)
 
     def stop(self) -> None:
         """Cancel every timer and fail every command still waiting (the plugin is stopping)."""

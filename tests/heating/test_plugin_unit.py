@@ -872,5 +872,5 @@ def test_a_gateway_another_box_hears_later_goes_offline_here_once():
     harness.plugin.device_elsewhere(gw_id, "box-b", since=time.time() + 1)
     harness.plugin.device_elsewhere(gw_id, "box-b", since=time.time() + 2)  # said once
     assert not harness.plugin.registry.gateways[gw_id].online
-    assert data_of(harness, "device.offline") == [{"reason": "moved to box box-b"}]
+    assert data_of(harness, "device.offline") == [{"reason": "moved_elsewhere", "box": "box-b"}]
     harness.plugin.device_elsewhere("unknown", "box-b", since=time.time())  # nothing to do

@@ -802,5 +802,11 @@ def test_a_cabinet_announced_on_another_box_later_is_let_go_here():
     assert not flows.registry.moved_elsewhere(IMEI, "box-b", since=1.0)  # ours is newer
     assert conn.closed is None
     assert flows.registry.moved_elsewhere(IMEI, "box-b", since=9.0)
-    assert conn.closed == "moved to box box-b"
+    assert conn.closed == "moved_elsewhere"
+    flows.registry.connection_lost(conn, conn.closed)  # as the closed TCP connection reports
+    assert flows.data("device.offline")[-1] == {
+        "reason": "moved_elsewhere",
+        "address": conn.address,
+        "box": "box-b",
+    }
     assert not flows.registry.moved_elsewhere("869999999999999", "box-b", since=9.0)
