@@ -627,10 +627,14 @@ class Simulator:
     """A simulator of one device family: ``gatewayd simulate FAMILY`` and ``gatewayd demo``.
 
     ``add_arguments`` declares its command-line options; ``from_args`` builds it from them;
-    ``for_demo`` builds one pointed at a running plugin instance's config (loopback).
+    ``for_demo`` builds one pointed at a running plugin instance's config (loopback);
+    ``summary`` says what it did, printed when ``gatewayd simulate`` stops.
     """
 
     family: ClassVar[str] = ""
+    #: What the printed summary calls the things sent and received ("frames", "messages", ...).
+    sent_noun: ClassVar[str] = "messages"
+    received_noun: ClassVar[str] = "messages"
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -649,3 +653,18 @@ class Simulator:
 
     def stop(self) -> defer.Deferred | None:
         return None
+
+    def summary(self) -> dict[str, Any]:
+        """What this simulator did so far: ``{"sent": {kind: n}, "received": {kind: n},
+        "errors": {kind: n}, ...}``.
+
+        ``sent`` counts what it sent by kind (frames, messages, or a device's answers),
+        ``received`` what came back (answers, acks, commands, or a device's requests),
+        ``errors`` what went wrong (failed connects, lines it could not read). Further keys
+        (``connects``, ...) say more; every value is plain JSON (str, int, float, bool, lists,
+        dicts). Why: ``gatewayd simulate`` prints it when it stops, so a load test can compare
+        what was sent with what the daemon stored without trusting the daemon's own counters.
+        Read it from the counters the simulator keeps as it works, not from a second tally.
+        The default: nothing counted.
+        """
+        return {"sent": {}, "received": {}, "errors": {}}
