@@ -82,6 +82,11 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
             fam.add_argument(
                 "--duration", type=seconds_argument, default=None, help="stop after N seconds"
             )
+            fam.add_argument(
+                "--json",
+                action="store_true",
+                help="print the summary at exit as one JSON line (the only line on stdout)",
+            )
             fam.set_defaults(func=cmd_simulate, simulator=simulator)
 
     decoders = {fmt: fn for cls in plugins.values() for fmt, fn in cls.decoders.items()}

@@ -9,9 +9,12 @@ still starting is applied once it runs.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +25,7 @@ from gatewayd.config_model import Config
 from gatewayd.demo_backend import demo_backend
 from gatewayd.files import PRIVATE_UMASK
 from gatewayd.logsetup import start_logging
+from gatewayd.plugin import Simulator
 
 log = Logger(namespace="gatewayd.runner")
 
@@ -54,6 +58,7 @@ def run_daemon(
             exit_status[0] = 2
             return
         simulators: list[Any] = []
+        demo_started: list[float] = []
         hangups = _Hangups(daemon, reactor)
         signal.signal(signal.SIGHUP, hangups.received)
 
@@ -68,6 +73,9 @@ def run_daemon(
                 log.error("shutdown took longer than {t} s; exiting anyway", t=timeout)
             for sim in simulators:
                 await defer.maybeDeferred(sim.stop)
+                if isinstance(sim, Simulator):  # one line each: what the demo's devices did
+                    record = summary_record(sim, time.monotonic() - demo_started[0])
+                    log.info("demo: {summary}", summary=summary_text(record, sim))
 
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.ensureDeferred(shutdown())
@@ -81,6 +89,7 @@ def run_daemon(
         hangups.daemon_ready()
         if demo:
             simulators.extend(await start_demo_simulators(daemon, reactor))
+            demo_started.append(time.monotonic())
         if duration is not None:
             reactor.callLater(duration, reactor.stop)
         await defer.Deferred()  # run until the reactor stops
@@ -154,7 +163,15 @@ async def start_demo_simulators(daemon: Any, reactor: Any) -> list[Any]:
 
 
 def run_simulator(simulator_class: Any, args: Any, duration: float | None = None) -> int:
-    """``gatewayd simulate FAMILY``: one simulator alone until Ctrl-C (or ``duration``)."""
+    """``gatewayd simulate FAMILY``: one simulator alone until Ctrl-C, SIGTERM (or ``duration``).
+
+    When it stops it prints its summary (``Simulator.summary``) on stdout: one line of text, or
+    with ``--json`` one JSON object on one line. Why: a load test compares what was sent with
+    what the daemon stored. In JSON mode whatever else would reach stdout (the ESAM reader's pty
+    path) goes to stderr, so stdout is that one line alone; logs go to stderr in any mode.
+    """
+    as_json = bool(getattr(args, "json", False))
+    out = sys.stdout
     start_logging("info")
 
     async def main(reactor: Any) -> None:
@@ -163,20 +180,73 @@ def run_simulator(simulator_class: Any, args: Any, duration: float | None = None
         except (ValueError, OSError) as exc:  # a bad option value, a file that cannot be read
             print(f"gatewayd simulate: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        reactor.addSystemEventTrigger(
-            "before", "shutdown", lambda: defer.maybeDeferred(simulator.stop)
-        )
+        started: list[float] = []
+
+        async def stop() -> None:
+            try:
+                await defer.maybeDeferred(simulator.stop)
+            except Exception:
+                log.failure("simulator stop failed")
+            if started:  # a simulator that never ran has nothing to say
+                record = summary_record(simulator, time.monotonic() - started[0])
+                line = json.dumps(record) if as_json else summary_text(record, simulator)
+                print(line, file=out, flush=True)
+
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(stop()))
         try:
             await defer.maybeDeferred(simulator.start)
         except (ValueError, OSError) as exc:  # a link it cannot make, a port it cannot open
             print(f"gatewayd simulate: cannot start: {exc}", file=sys.stderr)
             raise SystemExit(1) from None
+        started.append(time.monotonic())
         if duration is not None:
             reactor.callLater(duration, reactor.stop)
         await defer.Deferred()
 
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+        with quiet:
+            task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     return 0
+
+
+_SUMMARY_COUNTS = ("sent", "received", "errors")
+
+
+def summary_record(simulator: Any, seconds: float) -> dict[str, Any]:
+    """``{"family", "seconds", "sent", "received", "errors", ...}``: the simulator's summary
+    with its family and running time in front (the ``--json`` line)."""
+    summary = dict(simulator.summary())
+    record: dict[str, Any] = {"family": simulator.family, "seconds": round(seconds, 3)}
+    for key in _SUMMARY_COUNTS:
+        record[key] = dict(summary.pop(key, None) or {})
+    record.update(summary)
+    return record
+
+
+def summary_text(record: dict[str, Any], simulator: Any) -> str:
+    """The record as one line: ``powerbank simulator: 1,234 frames sent (heartbeat 1,000, ...),
+    1,100 frames received (...), 0 errors, connects 3, 12.0 s``."""
+    nouns = (f"{simulator.sent_noun} sent", f"{simulator.received_noun} received", "errors")
+    parts = [_counts(record[key], noun) for key, noun in zip(_SUMMARY_COUNTS, nouns, strict=True)]
+    skip = {"family", "seconds", *_SUMMARY_COUNTS}
+    parts += [f"{key} {_value(value)}" for key, value in record.items() if key not in skip]
+    return f"{record['family']} simulator: {', '.join(parts)}, {record['seconds']:.1f} s"
+
+
+def _counts(counts: dict[str, int], noun: str) -> str:
+    text = f"{sum(counts.values()):,} {noun}"
+    kinds = sorted(((n, kind) for kind, n in counts.items() if n), key=lambda p: (-p[0], p[1]))
+    if kinds:
+        text += " (" + ", ".join(f"{kind} {n:,}" for n, kind in kinds) + ")"
+    return text
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float | dict):
+        return str(value)
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_value(v)}" for k, v in value.items()) + ")"
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
