@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 import time
+from collections import Counter
 from typing import Any
 
 from pydantic import Field
@@ -176,7 +177,7 @@ class ThermometerPlugin(Plugin):
 
 
 class SimulatedThermometer(LineOnlyReceiver):
-    """Sends a reading every ``interval`` seconds, answers PING, counts OKs."""
+    """Sends a reading every ``interval`` seconds, answers PING, counts what it sends and gets."""
 
     delimiter = b"\n"
 
@@ -184,25 +185,33 @@ class SimulatedThermometer(LineOnlyReceiver):
         self.sim, self.device = sim, device
 
     def connectionMade(self) -> None:
+        self.sim.connects += 1
         self.sim.connected.append(self)
         self.loop_call = self.sim.reactor.callLater(random.uniform(0, 0.2), self.send_reading)
 
     def send_reading(self) -> None:
         celsius = round(random.gauss(21.0, 1.5), 1)
         self.sendLine(f"T {self.device} {celsius}".encode())
+        self.sim.sent["reading"] += 1
         self.loop_call = self.sim.reactor.callLater(self.sim.interval, self.send_reading)
 
     def lineReceived(self, line: bytes) -> None:
-        if line == b"PING":
+        kind = {b"PING": "ping", b"OK": "ok"}.get(line, "err" if line.startswith(b"ERR") else "")
+        if not kind:
+            self.sim.errors["unexpected_line"] += 1
+            return
+        self.sim.received[kind] += 1
+        if kind == "ping":
             self.sendLine(b"PONG")
-        elif line == b"OK":
-            self.sim.acknowledged += 1
+            self.sim.sent["pong"] += 1
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.loop_call.active():
             self.loop_call.cancel()
         if self in self.sim.connected:
             self.sim.connected.remove(self)
+        if not self.sim.stopping:
+            self.sim.errors["connection_lost"] += 1
 
 
 class _ThermometerFactory(protocol.ClientFactory):
@@ -215,6 +224,7 @@ class _ThermometerFactory(protocol.ClientFactory):
         return SimulatedThermometer(self.sim, self.device)
 
     def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        self.sim.errors["connect_failed"] += 1
         self.sim.log.warn(
             "{device}: cannot connect to {target}: {error}",
             device=self.device,
@@ -227,13 +237,24 @@ class ThermometerSimulator(Simulator):
     """``gatewayd simulate example --connect HOST:PORT --devices N --interval S``."""
 
     family = "example"
+    sent_noun, received_noun = "lines", "lines"
     log = Logger(namespace="gatewayd.simulate.example")
 
     def __init__(self, reactor: Any, target: str, devices: int = 3, interval: float = 2.0):
         self.reactor, self.target = reactor, target
         self.devices, self.interval = devices, interval
         self.connected: list[SimulatedThermometer] = []
-        self.acknowledged = 0
+        #: What the thermometers sent (reading, pong), got (ok, err, ping) and what went wrong.
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.connects = 0
+        self.stopping = False
+
+    @property
+    def acknowledged(self) -> int:
+        """Readings the plugin answered OK (stored)."""
+        return self.received["ok"]
 
     @classmethod
     def add_arguments(cls, parser: Any) -> None:
@@ -264,8 +285,19 @@ class ThermometerSimulator(Simulator):
             self.reactor.connectTCP(host, port, factory)
 
     def stop(self) -> None:
+        self.stopping = True
         for conn in list(self.connected):
             conn.transport.loseConnection()
+
+    def summary(self) -> dict[str, Any]:
+        """Lines sent and received by kind, errors, and how many connects there were."""
+        return {
+            "sent": dict(self.sent),
+            "received": dict(self.received),
+            "errors": dict(self.errors),
+            "devices": self.devices,
+            "connects": self.connects,
+        }
 
 
 ThermometerPlugin.simulator = ThermometerSimulator
