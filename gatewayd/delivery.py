@@ -23,6 +23,7 @@ and, once it is through, go at full speed: pacing ends when the backlog does.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, overload
 
@@ -125,9 +126,14 @@ class SinkRunner:
     """Feeds one sink from its durable queue; see the module docstring for the loop.
 
     Figures for ``/health`` and ``/metrics``: ``state`` ("starting", "ok", "retrying",
-    "stopped"), ``last_error``, ``delivered`` (events the sink acknowledged), ``failures``
-    (failed or timed-out open/write attempts), ``invalid`` (queued entries that were not valid
-    events and were skipped), ``replaying`` (pacing is on).
+    "stopped"), ``last_error`` with ``last_error_at`` (POSIX time) and ``recovered_at`` (when it
+    was ok again after its last failure; None while failing or before any failure),
+    ``failing_since`` (None unless retrying), ``delivered`` (events the sink acknowledged),
+    ``failures`` (failed or timed-out open/write attempts), ``invalid`` (queued entries that were
+    not valid events and were skipped), ``replaying`` (pacing is on).
+
+    ``retry_now()`` cuts a backoff wait short: a sink that learns its destination is back (the
+    mqtt sink's link reconnected) calls it through ``SinkContext.retry_now``.
 
     ``backoff`` maps the attempt number (0, 1, ...) to a delay; the default is Twisted's
     ``backoffPolicy`` from ``retry_initial`` to ``retry_max`` with up to ``retry_initial`` of
@@ -152,6 +158,8 @@ class SinkRunner:
         self.name = sink.name
         self.state = "starting"
         self.last_error: str | None = None
+        self.last_error_at: float | None = None  # wall clock, for /health and the status page
+        self.recovered_at: float | None = None
         self.delivered = 0
         self.failures = 0
         self.invalid = 0
@@ -487,6 +495,8 @@ class SinkRunner:
         self.failures += 1
         self._attempt += 1
         self.last_error = describe_failure(failure, self.config.write_timeout)
+        self.last_error_at = time.time()
+        self.recovered_at = None
         if self.state != "retrying":
             self.state = "retrying"
             self._failing_since = self.reactor.seconds()
@@ -515,8 +525,25 @@ class SinkRunner:
             delay = float(retry_after)
         return delay
 
+    @property
+    def failing_since(self) -> float | None:
+        """Reactor seconds since when the sink has been failing (None unless retrying)."""
+        return self._failing_since if self.state == "retrying" else None
+
+    def retry_now(self) -> None:
+        """Retry at once instead of at the end of the backoff wait (the destination is back)."""
+        if self.state != "retrying" or self._stopping or self._timer is None:
+            return
+        retry = self._timer.func
+        if self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.log.info("sink {sink}: retrying now: the destination is back", sink=self.name)
+        retry()
+
     def _recovered(self) -> None:
         since = self._failing_since if self._failing_since is not None else self.reactor.seconds()
+        self.recovered_at = time.time()
         self.log.info(
             "sink {sink}: ok again after {attempts} failed attempts in {seconds:.1f}s; "
             "{depth} events waited",

@@ -47,6 +47,7 @@ METRIC_NAMES = (
     "gatewayd_plugin_restarts",
     "gatewayd_plugin_internal_errors",
     "gatewayd_sink_up",
+    "gatewayd_sink_failing_seconds",
     "gatewayd_sink_queued_events",
     "gatewayd_sink_queued_bytes",
     "gatewayd_sink_oldest_age_seconds",
@@ -246,6 +247,11 @@ class DaemonCollector:
         up = GaugeMetricFamily(
             "gatewayd_sink_up", "1 when the sink delivers normally, 0 otherwise", labels=["sink"]
         )
+        failing = GaugeMetricFamily(
+            "gatewayd_sink_failing_seconds",
+            "Seconds the sink has been failing (0 while it delivers)",
+            labels=["sink"],
+        )
         queued = GaugeMetricFamily(
             "gatewayd_sink_queued_events", "Events waiting in the sink's queue", labels=["sink"]
         )
@@ -309,6 +315,8 @@ class DaemonCollector:
             if gauges:  # a sink's own figures: the mqtt sink's link and command channel
                 self._plugin_gauges(name, gauges, published, "sink")
             up.add_metric([name], 1 if runner.state == "ok" else 0)
+            since = getattr(runner, "failing_since", None)
+            failing.add_metric([name], round(now - since, 3) if since is not None else 0.0)
             delivered.add_metric([name], runner.delivered)
             failures.add_metric([name], runner.failures)
             sink = getattr(runner, "sink", None)
@@ -328,7 +336,7 @@ class DaemonCollector:
             put_failures.add_metric([name], getattr(queue, "failed_puts", 0))
             deduplicated.add_metric([name], getattr(queue, "deduplicated", 0))
             disk_bytes.add_metric([name], getattr(queue, "disk_bytes", 0))
-        yield from (up, queued, queued_bytes, oldest, delivered, dropped, failures)
+        yield from (up, failing, queued, queued_bytes, oldest, delivered, dropped, failures)
         yield from (duplicates, possible_duplicates, queue_up, put_failures, deduplicated)
         yield from (disk_bytes, dead_letter)
         yield from published.values()

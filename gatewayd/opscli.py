@@ -188,8 +188,13 @@ def render_status(status: dict[str, Any]) -> str:
         queue = sink.get("queue") or {}
         if queue.get("error"):
             lines.append(f"         queue failing: {queue['error']}")
+        if sink.get("warning"):
+            lines.append(f"         warning: {sink['warning']}")
         if sink.get("last_error"):
-            lines.append(f"         last error: {sink['last_error']}")
+            healed = sink.get("recovered_at")
+            when = f" at {sink['last_error_at']}" if sink.get("last_error_at") else ""
+            note = f" (recovered {healed})" if healed else ""
+            lines.append(f"         last error{when}: {sink['last_error']}{note}")
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "ConfigModel",
     "PluginConfig",
     "SinkConfig",
+    "LocalSinkConfig",
     "HostPort",
     "UdpHostPort",
     "Transport",
@@ -253,6 +254,10 @@ class SinkConfig(ConfigModel):
     retry_initial: PositiveDuration = 1.0
     retry_max: PositiveDuration = 60.0
     replay_rate: float | None = Field(1000.0, gt=0, allow_inf_nan=False)
+    #: ``/health`` says ``warning`` (HTTP 200) once the sink has been failing this long...
+    warn_after: PositiveDuration = 60.0
+    #: ... or its oldest queued event is this old (null: never on age alone).
+    warn_age: PositiveDuration | None = 600.0
 
     @field_validator("max_bytes")
     @classmethod
@@ -262,6 +267,17 @@ class SinkConfig(ConfigModel):
         return value
 
     _retry_max_at_least_initial = field_validator("retry_max")(at_least("retry_initial"))
+
+
+class LocalSinkConfig(SinkConfig):
+    """The keys of a sink that writes on this box (a file, a database, the console).
+
+    ``retry_max`` defaults to 5 s, not 60 s: a retry costs nothing but a failed local write and
+    loads no server, and the usual cause (a full disk) can clear at any moment, so delivery
+    resumes within 5 s of the cause going instead of waiting out a minute of backoff.
+    """
+
+    retry_max: PositiveDuration = 5.0
 
 
 def listeners(config: BaseModel) -> list[tuple[str, Transport, str]]:

@@ -317,7 +317,9 @@ class Daemon:
             presence=self.device_elsewhere,
         )
         sink = config.sink_classes[name](name, sink_config, context)
-        return SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)
+        runner = SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)
+        context.retry_now = runner.retry_now
+        return runner
 
     def _make_pipeline(self, config: Config) -> Pipeline:
         """A pipeline over ``config.routes`` and the queues of the current sinks; the counters

@@ -459,3 +459,33 @@ async def test_end_to_end_into_sqlite(tmp_path: Path) -> None:
     conn.close()
     assert [(e.id, e.device, json.dumps(e.data, separators=(",", ":"))) for e in events] == stored
     assert queue.depth == 0 and runner.state == "stopped"
+
+
+def test_retry_now_cuts_a_long_backoff_short_and_recovery_is_stamped() -> None:
+    clock, queue, sink, runner = setup(5)
+    sink.fail_writes = 1
+    runner.start()
+    settle(clock)
+    assert runner.state == "retrying" and runner.failing_since == 0.0
+    assert runner.last_error_at is not None and runner.recovered_at is None
+    settle(clock, 0.5)
+    assert len(sink.attempts) == 1  # waiting out its 1 s backoff
+    runner.retry_now()  # the sink learned its destination is back
+    settle(clock)
+    assert runner.state == "ok" and sink.delivered == [0, 1, 2, 3, 4]
+    assert [t for t, _ in sink.attempts] == [0.0, 0.5]
+    assert runner.failing_since is None and runner.recovered_at >= runner.last_error_at
+    assert runner.last_error == "ConnectionRefusedError: backend down"  # kept, with its time
+    runner.retry_now()  # not retrying: nothing happens
+    assert len(sink.attempts) == 2
+
+
+def test_retry_now_during_a_failed_open_opens_at_once() -> None:
+    clock, queue, sink, runner = setup(2)
+    sink.fail_opens = 1
+    runner.start()
+    settle(clock)
+    assert runner.state == "retrying"
+    runner.retry_now()
+    settle(clock)
+    assert runner.state == "ok" and sink.delivered == [0, 1]

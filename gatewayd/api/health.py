@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.web import server
 
 from gatewayd.api.base import JsonResource
@@ -10,11 +12,22 @@ from gatewayd.health import health_report
 
 
 class HealthResource(JsonResource):
-    """``GET /health``: 200 ``ok`` when every plugin is running and no sink stopped, else 503."""
+    """``GET /health``: 200 ``ok`` or ``warning`` while everything is stored durably, 503
+    ``degraded`` otherwise: what a load balancer should read. ``/health/strict`` answers 503 for
+    ``warning`` too, for a monitor that only looks at the HTTP status."""
+
+    strict = False
+
+    def __init__(self, api: Any, strict: bool = False) -> None:
+        super().__init__(api)
+        self.strict = strict
+        if not strict:
+            self.putChild(b"strict", HealthResource(api, strict=True))
 
     def render_GET(self, request: server.Request) -> bytes:
         healthy, report = health_report(self.api.daemon, self.api.now())
-        return respond(request, 200 if healthy else 503, encode_json(report))
+        ok = healthy and not (self.strict and report["status"] != "ok")
+        return respond(request, 200 if ok else 503, encode_json(report))
 
 
 class MetricsResource(JsonResource):

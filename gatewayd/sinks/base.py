@@ -33,6 +33,8 @@ class SinkContext:
     publishes it (the MQTT sink's status topic); None outside the daemon.
     ``presence(plugin, device, gateway, since)`` tells the daemon another box announced a device
     online (the MQTT sink's ``watch_presence``); None outside the daemon.
+    ``retry_now()`` cuts the delivery loop's backoff short: call it when the sink learns its
+    destination is back (a reconnected link), so recovery does not wait up to ``retry_max``.
     """
 
     name: str
@@ -43,6 +45,7 @@ class SinkContext:
     commands: Any = None
     status: Callable[[bool], dict[str, Any]] | None = None
     presence: Callable[[str, str, str, float], None] | None = None
+    retry_now: Callable[[], None] = lambda: None
 
 
 class Sink:

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from gatewayd.events import Event
 from gatewayd.files import ends_with_newline, fsync_directory, private_dir, private_opener
-from gatewayd.schema import ByteSize, SinkConfig
+from gatewayd.schema import ByteSize, LocalSinkConfig
 from gatewayd.sinks.base import BlockingSink
 
 __all__ = ["JsonlSink"]
@@ -29,7 +29,7 @@ __all__ = ["JsonlSink"]
 class JsonlSink(BlockingSink):
     """Appends events to a JSON Lines file on the sink's own thread."""
 
-    class Config(SinkConfig):
+    class Config(LocalSinkConfig):
         type: str = "jsonl"
         #: The file; relative paths are relative to ``gateway.state_dir``.
         path: Path = Path("events.jsonl")

@@ -260,6 +260,7 @@ class MqttSink(Sink):
         if state == CONNECTED:
             self._publish_status(client)
             self._start_status_updates(client)
+            self.context.retry_now()  # a batch that failed with the link goes now
         elif self._batch is not None and self._batch.client is client:
             batch = self._batch
             batch.fail(

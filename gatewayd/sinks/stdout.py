@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from gatewayd.events import Event
-from gatewayd.schema import SinkConfig
+from gatewayd.schema import LocalSinkConfig
 from gatewayd.sinks.base import Sink
 
 __all__ = ["StdoutSink"]
@@ -22,7 +22,7 @@ __all__ = ["StdoutSink"]
 class StdoutSink(Sink):
     """Prints every event as JSON; ``stream`` may be set to another text stream (tests)."""
 
-    class Config(SinkConfig):
+    class Config(LocalSinkConfig):
         type: str = "stdout"
         #: Indented, multi-line JSON instead of one compact line per event.
         pretty: bool = False

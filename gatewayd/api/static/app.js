@@ -255,6 +255,17 @@
     body.replaceChildren(...(rows.length ? rows : [emptyRow(10, "no plugins configured")]));
   }
 
+  /** The sink's last error: red while it fails, grey with "recovered" once it healed. */
+  function lastErrorCell(s, queue) {
+    if (queue.error) return cell(queue.error, "error");
+    if (s.warning) return cell(s.warning, "error");
+    if (!s.last_error) return cell("");
+    if (s.recovered_at && s.state === "ok") {
+      return cell(`recovered ${s.recovered_at}: ${s.last_error}`, "healed");
+    }
+    return cell(s.last_error, "error");
+  }
+
   function renderSinks(sinks) {
     const body = $("sinks").tBodies[0];
     const rows = Object.keys(sinks).sort().map((name) => {
@@ -271,7 +282,7 @@
         cell(fmtDuration(s.oldest_age_seconds), "num"),
         cell(fmtRate(s.delivery_rate), "num"),
         cell(fmtCount(s.delivered), "num"),
-        cell(s.last_error || queue.error || "", "error"));
+        lastErrorCell(s, queue));
     });
     body.replaceChildren(...(rows.length ? rows : [emptyRow(8, "no sinks configured")]));
   }
