@@ -589,6 +589,38 @@ async def test_a_steady_stream_survives_a_cut_link_each_event_once_by_id(tmp_pat
     assert runner.delivered == len(emitted) and runner.failures >= 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_delivery_resumes_when_the_link_is_back_not_at_the_end_of_the_backoff(
+    mosquitto: Any, tmp_path: Path
+) -> None:
+    """retry_initial 30 s: without retry_now the batch would wait half a minute after the
+    broker came back; the sink's reconnect cuts the wait short."""
+    store = QueueStore(tmp_path / "queues", reactor)
+    store.start()
+    config = MqttSinkConfig.model_validate(
+        {"broker": {"port": mosquitto.port, **FAST}, "retry_initial": 30, "retry_max": 60}
+    )
+    context = SinkContext("north", "edge", reactor, tmp_path, Logger())
+    queue = store.queue("north", max_bytes=1 << 24, max_age=3600, overflow="drop_oldest")
+    runner = SinkRunner(MqttSink("north", config, context), queue, config, reactor)
+    context.retry_now = runner.retry_now  # as the daemon wires it
+    pipeline = Pipeline([RouteConfig(sinks=["north"])], {"north": queue}, {"north": runner})
+    runner.start()
+    try:
+        await wait_until(lambda: runner.state == "ok", timeout=5)
+        mosquitto.stop()
+        await defer.gatherResults([pipeline.emit(e) for e in events(20)])
+        await wait_until(lambda: runner.state == "retrying", timeout=10)
+        mosquitto.start()
+        back = reactor.seconds()
+        await wait_until(lambda: runner.delivered == 20, timeout=10)
+        assert reactor.seconds() - back < 5 and runner.state == "ok"
+        assert runner.recovered_at is not None
+    finally:
+        await runner.stop()
+        await store.stop()
+
+
 def test_topic_escape_adds_characters_a_broker_refuses() -> None:
     from gatewayd.sinks.mqtt_config import escape_level, unescape_level
 
