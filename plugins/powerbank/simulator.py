@@ -17,14 +17,20 @@ inventory and one TCP connection (Twisted client) to the plugin. It
   a GPRS modem does; a connection the server closes is reopened with jittered backoff.
 
 For load tests: ``rate`` sends that many heartbeats per second per cabinet (in batches), and
-``flood`` sends that many heartbeats as fast as TCP takes them once connected.
+``flood`` sends that many heartbeats as fast as TCP takes them once connected. Every frame
+sent or received is counted by packet type in ``SimulatorStats``; ``summary()`` (printed when
+``gatewayd simulate`` stops) reports those counts, so a load test can compare them with what the
+daemon stored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
+import re
 import resource
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,10 +99,17 @@ class SimulatorOptions:
 
 @dataclass
 class SimulatorStats:
-    """Counters of everything the cabinets did, for tests and the periodic summary."""
+    """Counters of everything the cabinets did, for tests, the periodic log and ``summary()``.
 
+    ``sent`` and ``received`` count frames by packet type (``heartbeat``, ``status_report``,
+    ``lend_result``, ...: the ``type`` of ``packet_to_dict``); ``errors`` by what went wrong.
+    """
+
+    sent: Counter[str] = field(default_factory=Counter)
+    received: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
     connects: int = 0
-    frames_sent: int = 0
+    reconnects: int = 0
     lends_ok: int = 0
     lends_failed: int = 0
     lends_lost: int = 0
@@ -104,12 +117,14 @@ class SimulatorStats:
     returns_rejected: int = 0
     returns_ok: int = 0
     returns_failed: int = 0
-    acks: int = 0
     resends: int = 0
     duplicates: int = 0
-    queries: int = 0
-    bad_lines: int = 0
-    connect_failures: int = 0
+
+
+@functools.cache
+def packet_kind(packet_type: type[Packet]) -> str:
+    """``LendResult`` -> ``lend_result``: how the summary names a packet type."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", packet_type.__name__).lower()
 
 
 class CabinetLink(protocol.Protocol):
@@ -151,7 +166,7 @@ class _Flood:
     def resumeProducing(self) -> None:
         n = min(self.chunk, self.left)
         self.left -= n
-        self.stats.frames_sent += n
+        self.stats.sent[packet_kind(Heartbeat)] += n
         self.link.transport.write(self.frame * n)
         if self.left <= 0:
             self.link.transport.unregisterProducer()
@@ -201,6 +216,7 @@ class SimulatedCabinet:
         self.reconnect_call: Any = None
         self.stopped = False
         self.flooded = False
+        self.ever_connected = False
         self.heartbeat_frame = self.codec.build(Heartbeat(imei))
 
     def _random_slot(self) -> tuple[str, str | None] | None:
@@ -224,9 +240,9 @@ class SimulatedCabinet:
         self.reactor.connectTCP(host, port, _ClientFactory(self), timeout=10)
 
     def connect_failed(self, error: str = "") -> None:
-        stats = self.sim.stats
-        stats.connect_failures += 1
-        if stats.connect_failures == 1:  # the first says why; the summary counts the rest
+        errors = self.sim.stats.errors
+        errors["connect_failed"] += 1
+        if errors["connect_failed"] == 1:  # the first says why; the summary counts the rest
             log.warn(
                 "powerbank simulator: cannot connect to {target}: {error}; retrying",
                 target=self.sim.target,
@@ -239,6 +255,8 @@ class SimulatedCabinet:
             link.transport.loseConnection()
             return
         self.sim.stats.connects += 1
+        self.sim.stats.reconnects += self.ever_connected
+        self.ever_connected = True
         self.failures = 0
         self.links.append(link)
         self.link = link  # a newer link replaces the older one, which is left open
@@ -263,6 +281,8 @@ class SimulatedCabinet:
             self.links.remove(link)
         if link is self.link:
             self.link = None
+            if not self.stopped:
+                self.sim.stats.errors["connection_lost"] += 1
             self._reconnect_later()
 
     def _reconnect_later(self) -> None:
@@ -300,7 +320,7 @@ class SimulatedCabinet:
     def send(self, packet: Packet) -> None:
         """Write one packet to the current link (dropped when there is none)."""
         if self.link is not None:
-            self.sim.stats.frames_sent += 1
+            self.sim.stats.sent[packet_kind(type(packet))] += 1
             self.link.write(self.codec.build(packet))
 
     def _write(self, packet: Packet) -> None:
@@ -355,7 +375,7 @@ class SimulatedCabinet:
         if self.link is None:
             return
         count = max(1, round(self.options.rate * interval))
-        self.sim.stats.frames_sent += count
+        self.sim.stats.sent[packet_kind(Heartbeat)] += count
         self.link.write(self.heartbeat_frame * count)
 
     def _schedule_return(self) -> None:
@@ -378,26 +398,28 @@ class SimulatedCabinet:
     # --- what the server says ----------------------------------------------------------------
 
     def line_received(self, line: bytes) -> None:
+        stats = self.sim.stats
         try:
             packet = self.codec.parse(line)
         except PowerbankError:
-            self.sim.stats.bad_lines += 1
+            stats.errors["unreadable_line"] += 1
             return
         if packet.imei != self.imei:
-            self.sim.stats.bad_lines += 1
-        elif isinstance(packet, StatusQuery):
-            self.sim.stats.queries += 1
+            stats.errors["wrong_imei"] += 1
+            return
+        if packet.FROM_DEVICE:
+            stats.errors["unexpected_packet"] += 1
+            return
+        stats.received[packet_kind(type(packet))] += 1
+        if isinstance(packet, StatusQuery):
             self.later(self.options.answer_delay, self.send, self.status_report())
         elif isinstance(packet, LendRequest):
             self.later(self.options.eject_delay, self._eject, packet.slot, packet.bank)
         elif isinstance(packet, ReturnQueryAnswer):
             self._return_answered(packet)
         elif isinstance(packet, LendResultAck | ReturnResultAck):
-            self.sim.stats.acks += 1
             kind = LendResult if isinstance(packet, LendResultAck) else ReturnResult
             self._answered(kind(self.imei, packet.slot, packet.bank, packet.ok))
-        else:
-            self.sim.stats.bad_lines += 1
 
     def status_report(self) -> StatusReport:
         slots = []
@@ -449,6 +471,7 @@ class PowerbankSimulator(Simulator):
     """``gatewayd simulate powerbank --connect HOST:PORT --cabinets N --heartbeat SECONDS``."""
 
     family = "powerbank"
+    sent_noun = received_noun = "frames"
     backoff = staticmethod(backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0))
 
     def __init__(self, reactor: Any, target: str, options: SimulatorOptions | None = None) -> None:
@@ -620,6 +643,27 @@ class PowerbankSimulator(Simulator):
             total=len(self.cabinets),
             stats=self.stats,
         )
+
+    def summary(self) -> dict[str, Any]:
+        """Frames sent and received by packet type, errors, connects, lend and return outcomes."""
+        stats = self.stats
+        return {
+            "sent": dict(stats.sent),
+            "received": dict(stats.received),
+            "errors": dict(stats.errors),
+            "cabinets": len(self.cabinets),
+            "connects": stats.connects,
+            "reconnects": stats.reconnects,
+            "resends": stats.resends,
+            "duplicates": stats.duplicates,
+            "lends": {"ok": stats.lends_ok, "failed": stats.lends_failed, "lost": stats.lends_lost},
+            "returns": {
+                "started": stats.returns_started,
+                "rejected": stats.returns_rejected,
+                "ok": stats.returns_ok,
+                "failed": stats.returns_failed,
+            },
+        }
 
     def stop(self) -> None:
         if self._starting is not None:
