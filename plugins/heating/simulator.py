@@ -15,6 +15,10 @@ does (reference §1.1). It publishes like the firmware:
   msg 40 by the meter's reply: a 96H ack (55H), an A019 echo (53H) or the 901F reading.
 
 Meter values drift a little between reports; a valve reports the opening last set.
+
+Each gateway counts what it publishes by message (``msg_1``, ``msg_20``, ..., and ``msg_40_meter``
+for a meter's reply), the commands it receives and its publish errors; ``summary()`` adds them up
+for the line ``gatewayd simulate`` prints when it stops.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import socket
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -30,7 +35,7 @@ from gatewayd.protocols import cjt188, hygw
 from gatewayd.protocols.errors import Cjt188Error, HygwError
 from twisted.internet import defer
 
-from gatewayd.mqtt import CONNECTED, BrokerConfig, MqttClient, MqttError, Will
+from gatewayd.mqtt import CONNECTED, BrokerConfig, MqttClient, MqttError, NotConnected, Will
 from gatewayd.plugin import Simulator
 from gatewayd.schema import count_argument, host_port_argument, read_secret, split_host_port
 
@@ -231,7 +236,10 @@ class SimulatedGateway:
             "heating_start": "20XX-09-01",
             "heating_end": "20XX-05-01",
         }
-        self.published = 0
+        #: Messages published by kind (``msg_<msg_id>``; ``msg_40_meter``: a meter's reply).
+        self.sent: Counter[str] = Counter()
+        #: Commands it could not read, messages it could not publish while disconnected.
+        self.errors: Counter[str] = Counter()
         self.received: list[hygw.Message] = []
         self._timers: list[Any] = []
         broker = sim.broker.model_copy(update={"client_id": gw_id, "probe_interval": 0.0})
@@ -269,7 +277,7 @@ class SimulatedGateway:
 
     def _link_state(self, state: str) -> None:
         if state == CONNECTED:
-            self._publish(self._status_report())  # power-up report
+            self._publish("msg_1", self._status_report())  # power-up report
             self.has_reset = 0
 
     def _later(self, delay: float, function: Any, *args: Any) -> None:
@@ -278,14 +286,22 @@ class SimulatedGateway:
 
     # --- publishing --------------------------------------------------------------------------
 
-    def _publish(self, payload: bytes) -> bool:
+    @property
+    def published(self) -> int:
+        """Messages published so far."""
+        return sum(self.sent.values())
+
+    def _publish(self, kind: str, payload: bytes) -> bool:
         if self.silent:
             return False
         try:
             self.link.publish(hygw.topic("set", self.gw_id, self.prefix), payload, qos=0)
-        except MqttError:
+        except NotConnected:
+            self.errors["not_connected"] += 1
             return False
-        self.published += 1
+        except MqttError:  # counted in the link's stats.publish_failures
+            return False
+        self.sent[kind] += 1
         return True
 
     def _status_report(self, stat: int = hygw.STAT_OK) -> bytes:
@@ -304,14 +320,16 @@ class SimulatedGateway:
 
     def report(self, meter: SimulatedMeter) -> bool:
         """Publish one msg 20 for ``meter`` now."""
-        return self._publish(hygw.build_meter_report(self.gw_id, meter.meter_id, meter.reading()))
+        return self._publish(
+            "msg_20", hygw.build_meter_report(self.gw_id, meter.meter_id, meter.reading())
+        )
 
     def _report_loop(self, meter: SimulatedMeter) -> None:
         self.report(meter)
         self._later(self.sim.interval, self._report_loop, meter)
 
     def _heartbeat_loop(self) -> None:
-        self._publish(self._status_report())
+        self._publish("msg_1", self._status_report())
         self._later(self.sim.heartbeat, self._heartbeat_loop)
 
     # --- commands ----------------------------------------------------------------------------
@@ -322,6 +340,7 @@ class SimulatedGateway:
         try:
             message = hygw.decode_message(payload, topic=topic, prefix=self.prefix)
         except HygwError:
+            self.errors["unreadable_command"] += 1
             return  # the firmware's strstr parser ignores what it cannot read
         if message.gw_id not in (self.gw_id, hygw.BROADCAST_GW_ID):
             return
@@ -334,17 +353,18 @@ class SimulatedGateway:
         msg_id = message.msg_id
         stat = self.sim.stat_overrides.get(msg_id)
         if msg_id == 1:
-            self._publish(self._status_report(stat or hygw.STAT_OK))
+            self._publish("msg_1", self._status_report(stat or hygw.STAT_OK))
         elif msg_id == 2:
             self._publish(
-                hygw.build_periods_report(self.gw_id, stat=stat or hygw.STAT_OK, **self.periods)
+                "msg_2",
+                hygw.build_periods_report(self.gw_id, stat=stat or hygw.STAT_OK, **self.periods),
             )
         elif msg_id == 12:
             self._set_periods(message, stat)
         elif msg_id == 18:
             self._read_now(message, stat)
         elif msg_id == 30:
-            self._publish(hygw.build_stat_reply(30, self.gw_id, stat or hygw.STAT_OK))
+            self._publish("msg_30", hygw.build_stat_reply(30, self.gw_id, stat or hygw.STAT_OK))
             if (stat or hygw.STAT_OK) == hygw.STAT_OK:
                 self.has_reset = 1
                 self._later(0.1, self.power_loss)
@@ -359,11 +379,11 @@ class SimulatedGateway:
             for key in ("main_interval", "copy_interval", "heating_start", "heating_end"):
                 self.periods[key] = fields[key]
         code = stat or (hygw.STAT_OK if ok else hygw.STAT_FAILED)
-        self._publish(hygw.build_stat_reply(12, self.gw_id, code))
+        self._publish("msg_12", hygw.build_stat_reply(12, self.gw_id, code))
 
     def _read_now(self, message: hygw.Message, stat: int | None) -> None:
         code = stat or hygw.STAT_OK
-        self._publish(hygw.build_stat_reply(18, self.gw_id, code))
+        self._publish("msg_18", hygw.build_stat_reply(18, self.gw_id, code))
         if code != hygw.STAT_OK:
             return
         fields = message.fields
@@ -381,10 +401,10 @@ class SimulatedGateway:
         port = fields.get("transparent_port")
         text = fields.get("transparent")
         if not isinstance(text, str) or not isinstance(port, int) or not 0 <= port <= 5:
-            self._publish(hygw.build_stat_reply(40, self.gw_id, 401))
+            self._publish("msg_40", hygw.build_stat_reply(40, self.gw_id, 401))
             return
         code = stat or hygw.STAT_OK
-        self._publish(hygw.build_stat_reply(40, self.gw_id, code))
+        self._publish("msg_40", hygw.build_stat_reply(40, self.gw_id, code))
         if code != hygw.STAT_OK:
             return
         try:
@@ -397,7 +417,7 @@ class SimulatedGateway:
             reply = meter.answer(request)
             if reply is not None:
                 payload = hygw.build_transparent_reply(self.gw_id, [reply], port=port)
-                self._later(self.sim.bus_delay, self._publish, payload)
+                self._later(self.sim.bus_delay, self._publish, "msg_40_meter", payload)
                 return
 
 
@@ -405,6 +425,7 @@ class HeatingSimulator(Simulator):
     """hy/gw heating gateways with 55H/53H valves and heat meters, on an MQTT broker."""
 
     family = "heating"
+    sent_noun, received_noun = "messages", "commands"
 
     def __init__(
         self,
@@ -511,6 +532,31 @@ class HeatingSimulator(Simulator):
             self.mosquitto = Mosquitto(port=self.broker.port).start()
         for gateway in self.gateways.values():
             gateway.start()
+
+    def summary(self) -> dict[str, Any]:
+        """Messages published by kind, commands received by ``msg_<msg_id>``, errors (the
+        gateways' own and their MQTT links' failed connects), connects and disconnects."""
+        sent: Counter[str] = Counter()
+        received: Counter[str] = Counter()
+        errors: Counter[str] = Counter()
+        connects = disconnects = 0
+        for gateway in self.gateways.values():
+            sent.update(gateway.sent)
+            received.update(f"msg_{message.msg_id}" for message in gateway.received)
+            errors.update(gateway.errors)
+            errors["connect_failed"] += gateway.link.stats.connect_failures
+            errors["publish_failed"] += gateway.link.stats.publish_failures
+            connects += gateway.link.stats.connects
+            disconnects += gateway.link.stats.disconnects
+        return {
+            "sent": dict(sent),
+            "received": dict(received),
+            "errors": {kind: n for kind, n in errors.items() if n},
+            "gateways": len(self.gateways),
+            "meters": sum(len(gateway.meters) for gateway in self.gateways.values()),
+            "connects": connects,
+            "disconnects": disconnects,
+        }
 
     @defer.inlineCallbacks
     def stop(self) -> Any:
