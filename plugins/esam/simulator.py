@@ -15,6 +15,10 @@ Modes, switchable at run time (:meth:`EsamReaderSimulator.set_mode`, or SIGUSR1 
 
 :meth:`EsamReaderSimulator.unplug` closes the pseudo-terminal (what the plugin sees when a USB
 reader is pulled out) and :meth:`EsamReaderSimulator.replug` creates a new one behind the link.
+
+The reader counts the requests it receives and the answers it sends by command, the status of
+each answer, and the bytes its framer rejects; ``summary()`` reports them when ``gatewayd
+simulate`` stops.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import signal
 import sys
 import tempfile
 import tty
+from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -48,6 +53,7 @@ from gatewayd.protocols.reader_framing import (
     ReaderCommand,
     ReaderFrame,
     ReaderStatus,
+    Rejected,
     available_framings,
     framer_for,
 )
@@ -73,6 +79,21 @@ OTHER_CARD_ATR = bytes.fromhex("3B680000") + b"OTHERCRD"
 
 def _sw(value: int) -> bytes:
     return value.to_bytes(2, "big")
+
+
+def _command_name(command: int) -> str:
+    """``power_on`` for 0x10; ``cmd_7f`` for a command byte we do not know."""
+    try:
+        return ReaderCommand(command).name.lower()
+    except ValueError:
+        return f"cmd_{command:02x}"
+
+
+def _status_name(status: int | None) -> str:
+    try:
+        return ReaderStatus(status).name.lower() if status is not None else "none"
+    except ValueError:
+        return f"status_{status:02x}"
 
 
 # --- the cards ------------------------------------------------------------------------------------
@@ -222,7 +243,13 @@ class SimulatedReader:
         self.other = OtherCard()
         self.framer = framer_for(framing)
         self.powered = False
-        self.requests = 0
+        #: Requests by command; answers by command (``garbage`` in that mode) and by status;
+        #: errors: bytes the framer rejected (``rejected_<reason>``), replies sent to us.
+        self.received: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()
+        self.statuses: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.unanswered = 0
         self.mode = "normal"
         self.set_mode(mode)
 
@@ -244,16 +271,32 @@ class SimulatedReader:
         kind = self._card_kind(self.mode)
         return None if kind == "none" else self.master if kind == "master" else self.other
 
+    @property
+    def requests(self) -> int:
+        """Request frames received so far."""
+        return sum(self.received.values())
+
     def handle(self, frame: ReaderFrame) -> bytes:
         """The bytes answering one request frame."""
-        self.requests += 1
         if frame.is_reply:
+            self.errors["unexpected_reply"] += 1
             return b""
+        command = _command_name(frame.command)
+        self.received[command] += 1
         if self.mode == "silence":
+            self.unanswered += 1
             return b""
         if self.mode == "garbage":
+            self.sent["garbage"] += 1
             return random.randbytes(random.randint(8, 40))
-        return self.framer.encode(self._reply(frame))
+        reply = self._reply(frame)
+        self.sent[command] += 1
+        self.statuses[_status_name(reply.status)] += 1
+        return self.framer.encode(reply)
+
+    def reject(self, rejected: Rejected) -> None:
+        """Count bytes the framer dropped (a request garbled on the line)."""
+        self.errors[f"rejected_{rejected.reason}"] += 1
 
     def _reply(self, frame: ReaderFrame) -> ReaderFrame:
         if frame.slot is None or frame.slot >= self.slots:
@@ -326,6 +369,8 @@ class _ReaderDeviceProtocol(Protocol):
                 answer = self.reader.handle(item)
                 if answer:
                     self.transport.write(answer)
+            else:
+                self.reader.reject(item)
 
 
 def open_raw_pty() -> tuple[int, int, str]:
@@ -362,6 +407,8 @@ class EsamReaderSimulator(Simulator):
     """``gatewayd simulate esam --pty [--link PATH] [--keys FILE] [--mode MODE]``: a card reader."""
 
     family: ClassVar[str] = "esam"
+    sent_noun: ClassVar[str] = "answers"
+    received_noun: ClassVar[str] = "requests"
 
     def __init__(
         self,
@@ -446,6 +493,21 @@ class EsamReaderSimulator(Simulator):
         if self._own_keys and self.key_path is not None:
             with contextlib.suppress(OSError):
                 self.key_path.unlink()
+
+    def summary(self) -> dict[str, Any]:
+        """Answers sent and requests received by command, errors (rejected bytes by reason),
+        answers by status, requests left unanswered (``silence``) and the mode at the end."""
+        reader = self.reader
+        if reader is None:  # disabled: the demo's soft backend needs no reader
+            return super().summary()
+        return {
+            "sent": dict(reader.sent),
+            "received": dict(reader.received),
+            "errors": dict(reader.errors),
+            "statuses": dict(reader.statuses),
+            "unanswered": reader.unanswered,
+            "mode": reader.mode,
+        }
 
     # --- switches ----------------------------------------------------------------------------
 
