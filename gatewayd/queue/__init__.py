@@ -30,9 +30,11 @@ Durability (``sync``): WAL with ``synchronous=full`` fsyncs the log at every com
 commits may be lost on a power loss or kernel crash. Either way the file stays consistent.
 
 A full disk, the bound on disk (WAL included) and idempotency keys: see ``gatewayd.queue.file``
-and the README's queue section. The package: ``errors`` (what callers see), ``file`` (the writer
-thread's SQL on one file), ``durable`` (``DurableQueue``, the reactor-thread API), ``store``
-(``QueueStore``, the writer thread).
+and the README's queue section. Files shrink back after a drained backlog: the writer thread gives
+free pages back in bounded ``incremental_vacuum`` steps (``gatewayd.queue.compact``). The
+package: ``errors`` (what callers see), ``file`` (the writer thread's SQL on one file),
+``compact`` (giving free pages back), ``durable`` (``DurableQueue``, the reactor-thread API),
+``store`` (``QueueStore``, the writer thread).
 """
 
 from gatewayd.queue.durable import DurableQueue

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gatewayd.logsetup import LogThrottle
+from gatewayd.queue.compact import Compactor
 from gatewayd.queue.errors import DROP_REASONS, QueueClosed, QueueError, Refused
 from gatewayd.queue.file import QueueFile
 
@@ -101,6 +102,8 @@ class DurableQueue(QueueFile):
         self._wal_limit = 0
         self._next_expiry = 0.0
         self._next_chores = 0.0
+        #: Gives free pages back after a drained backlog (thresholds: ``Compactor``).
+        self._compactor = Compactor()
         # Reactor-thread state: rate-limited drop logging.
         self._unlogged: dict[str, int] = {}
         self._last_drop_log = float("-inf")

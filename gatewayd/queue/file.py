@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from gatewayd.diskspace import is_disk_full, size_bounds
 from gatewayd.events import encode_json
 from gatewayd.files import create_private_file
+from gatewayd.queue.compact import prepare
 from gatewayd.queue.errors import QueueClosed, QueueError
 
 __all__ = ["MAX_KEYS", "QueueFile"]
@@ -89,6 +90,7 @@ class QueueFile:
             create_private_file(self.path)  # 0600 (dirs 0700) whatever the umask; -wal/-shm too
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
+                prepare(conn)  # a new file gives its free pages back (gatewayd.queue.compact)
                 mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise sqlite3.OperationalError(f"journal_mode is {mode}, WAL needed")
@@ -488,11 +490,13 @@ class QueueFile:
         return rows
 
     def _housekeep(self, now: float, fire: list) -> None:
-        """Periodic chores: ``max_age`` expiry (at most once a second); once every ten seconds,
-        deletes a full disk held back, expired keys, a probe while failing, the size on disk."""
+        """Periodic chores: ``max_age`` expiry (at most once a second), a compaction step when
+        due (``_compact``); once every ten seconds, deletes a full disk held back, expired keys,
+        a probe while failing, the size on disk."""
         if self._conn is None:
             return
         self._expire(now, fire)
+        self._compact(now)
         if now < self._next_chores:
             return
         self._next_chores = now + self.chores_interval
@@ -523,6 +527,20 @@ class QueueFile:
             if self.error is not None:
                 fire.append((self._clear_error, None))
         self._measure()
+
+    def _compact(self, now: float) -> None:
+        """Give free pages back to the filesystem, a bounded step at a time (the thresholds are
+        ``Compactor``'s): after a drained backlog the file and its WAL shrink back. The WAL is
+        truncated after a step only when no put waits; on a full disk steps are small, so
+        they do not take the room the reserve freed for deletes."""
+        conn = self._conn
+        assert conn is not None
+        idle = not self._puts and not self._commands  # a hint, read without the lock
+        full = self._store._reserve.released or self.error is not None
+        compactor = self._compactor
+        truncating = compactor.wal_to_truncate and idle
+        if compactor.step(conn, now, idle=idle, disk_full=full) or truncating:
+            self._measure()
 
     def _expire(self, now: float, fire: list) -> None:
         """Drop entries older than ``max_age`` (not the batch in flight); at most once a second."""
