@@ -183,6 +183,7 @@ class SimulatedThermometer(LineOnlyReceiver):
 
     def __init__(self, sim: ThermometerSimulator, device: str) -> None:
         self.sim, self.device = sim, device
+        self.closed: defer.Deferred = defer.Deferred()  # fires once the connection is gone
 
     def connectionMade(self) -> None:
         self.sim.connects += 1
@@ -212,6 +213,7 @@ class SimulatedThermometer(LineOnlyReceiver):
             self.sim.connected.remove(self)
         if not self.sim.stopping:
             self.sim.errors["connection_lost"] += 1
+        self.closed.callback(None)
 
 
 class _ThermometerFactory(protocol.ClientFactory):
@@ -284,10 +286,15 @@ class ThermometerSimulator(Simulator):
             factory = _ThermometerFactory(self, f"thermo-{n + 1}")
             self.reactor.connectTCP(host, port, factory)
 
-    def stop(self) -> None:
+    def stop(self) -> defer.Deferred:
+        """Close every connection; fires once they are closed (what was counted as sent is on
+        its way), or after 5 s."""
         self.stopping = True
+        closing = [conn.closed for conn in self.connected]
         for conn in list(self.connected):
             conn.transport.loseConnection()
+        waiting = defer.DeferredList(closing, consumeErrors=True)
+        return waiting.addTimeout(5, self.reactor, lambda *_: None)
 
     def summary(self) -> dict[str, Any]:
         """Lines sent and received by kind, errors, and how many connects there were."""

@@ -133,6 +133,7 @@ class CabinetLink(protocol.Protocol):
     def __init__(self, cabinet: SimulatedCabinet) -> None:
         self.cabinet = cabinet
         self.buffer = b""
+        self.closed: defer.Deferred = defer.Deferred()  # fires once the connection is gone
 
     def connectionMade(self) -> None:
         self.cabinet.link_made(self)
@@ -146,6 +147,7 @@ class CabinetLink(protocol.Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.cabinet.link_lost(self)
+        self.closed.callback(None)
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
@@ -297,7 +299,8 @@ class SimulatedCabinet:
 
         self.reconnect_call = self.reactor.callLater(delay, again)
 
-    def stop(self) -> None:
+    def stop(self) -> list[defer.Deferred]:
+        """Cancel every timer and close every link; returns the links' ``closed`` Deferreds."""
         self.stopped = True
         for call in (
             self.heartbeat_call,
@@ -312,8 +315,10 @@ class SimulatedCabinet:
         self.timers.clear()
         if self.load_call is not None and self.load_call.running:
             self.load_call.stop()
+        closing = [link.closed for link in self.links]
         for link in list(self.links):
             link.transport.loseConnection()
+        return closing
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -665,14 +670,34 @@ class PowerbankSimulator(Simulator):
             },
         }
 
-    def stop(self) -> None:
+    #: Seconds ``stop()`` waits at most for the cabinets' connections to close.
+    close_timeout = 5.0
+
+    def stop(self) -> defer.Deferred:
+        """Stop every cabinet. Fires once their connections closed, so every frame counted as
+        sent was flushed to the socket before the summary is printed (or ``close_timeout``)."""
         if self._starting is not None:
             with contextlib.suppress(task.TaskDone):
                 self._starting.stop()
         if self._summary is not None and self._summary.running:
             self._summary.stop()
-        for cabinet in self.cabinets:
-            cabinet.stop()
+        closing = [d for cabinet in self.cabinets for d in cabinet.stop()]
+        return _at_most(defer.DeferredList(closing), self.reactor, self.close_timeout)
+
+
+def _at_most(waited: defer.Deferred, reactor: Any, seconds: float) -> defer.Deferred:
+    """Fires (with None, never failing) when ``waited`` does or after ``seconds``."""
+    done: defer.Deferred = defer.Deferred()
+
+    def fire(_: Any = None) -> None:
+        if timer.active():
+            timer.cancel()
+        if not done.called:
+            done.callback(None)
+
+    timer = reactor.callLater(seconds, fire)
+    waited.addBoth(fire)
+    return done
 
 
 def _raise_open_file_limit(wanted: int) -> None:
