@@ -12,6 +12,13 @@ of ``EXPIRY_BATCH`` rows after a write: at most once a minute, or after every wr
 comes back full, so it keeps up with any event rate (a sink that receives nothing deletes
 nothing until its next write). The file stops growing at the size of one
 retention period (SQLite reuses the freed pages).
+
+Free pages go back to the filesystem (``gatewayd.queue.compact``): after a write, on the sink's
+own thread, once free pages are more than a quarter of the file and more than 4 MiB (after
+retention deleted an outage's worth, say), a bounded ``incremental_vacuum`` step gives up to
+4 MiB back, one step a second at most, until none is left. A file made by an older version
+(``auto_vacuum`` off) is converted by one VACUUM once its content is at most
+``SinkCompactor.convert_max_bytes``; a bigger one is converted by hand (logged at open).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Literal
 
 from gatewayd.events import Event, EventDecodeError, encode_json
 from gatewayd.files import create_private_file
+from gatewayd.queue.compact import INCREMENTAL, Compactor, auto_vacuum, prepare, space
 from gatewayd.schema import PositiveDuration, SinkConfig
 from gatewayd.sinks.base import BlockingSink
 
@@ -64,6 +72,14 @@ EXPIRY_INTERVAL = 60.0
 EXPIRY_BATCH = 10_000
 
 
+class SinkCompactor(Compactor):
+    """The sink's thresholds: a file of an older version is converted while its content is
+    at most 64 MiB (one VACUUM of that takes about a second on the sink's thread, and needs as
+    much free room again; delivery waits meanwhile, the reactor does not)."""
+
+    convert_max_bytes = 64 * 1024 * 1024
+
+
 class SqliteSink(BlockingSink):
     """Writes events into a SQLite table on the sink's own thread."""
 
@@ -84,15 +100,18 @@ class SqliteSink(BlockingSink):
         create_private_file(self.path)  # 0600; SQLite gives its -wal and -shm the same mode
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
+            prepare(conn)  # a new file can give its free pages back
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.config.synchronous.upper()}")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA journal_size_limit=67108864")  # a WAL once large shrinks back
             conn.executescript(SCHEMA)
+            self._note_old_file(conn)
         except BaseException:
             conn.close()
             raise
         self._conn: sqlite3.Connection | None = conn
+        self._compactor = SinkCompactor()
         self._next_expiry = 0.0
         self.expired = 0
         self.expiry_error: str | None = None  # the last retention run's error, if it failed
@@ -121,12 +140,29 @@ class SqliteSink(BlockingSink):
         ignored = count - (conn.total_changes - before)
         if self.config.retention is not None and time.monotonic() >= self._next_expiry:
             self._expire_after_write()
+        self._compactor.step(conn, time.monotonic(), idle=True)
         if ignored and payloads is not None:
             # Rare (replays after a crash): tell duplicates from entries that are not events;
             # decoding the batch lists the latter in ``events.invalid`` for the delivery loop.
             len(events)
             ignored -= len(getattr(events, "invalid", ()))
         self.duplicates += ignored
+
+    def _note_old_file(self, conn: sqlite3.Connection) -> None:
+        """Log once at open when the file cannot give pages back until it is converted by hand."""
+        if auto_vacuum(conn) == INCREMENTAL:
+            return
+        page_size, pages, free = space(conn)
+        if (pages - free) * page_size <= SinkCompactor.convert_max_bytes:
+            return  # converted by the compactor when pages are to be given back
+        self.context.reactor.callFromThread(
+            self.context.log.info,
+            "sink {sink}: {path} was made without incremental vacuum; it gives free pages"
+            " back once converted: sqlite3 {path} 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM'"
+            " with the daemon stopped (needs free room the size of the file)",
+            sink=self.name,
+            path=str(self.path),
+        )
 
     def _expire_after_write(self) -> None:
         """One retention run; it never fails the batch just committed. A full batch means more
