@@ -126,6 +126,12 @@ def build_parser(plugins: dict[str, Any]) -> argparse.ArgumentParser:
     add_fleet_arguments(fleet)
     fleet.set_defaults(func=cmd_fleet)
 
+    new_plugin = sub.add_parser("new-plugin", help="write a new plugin package to start from")
+    from gatewayd import scaffold
+
+    scaffold.add_arguments(new_plugin)
+    new_plugin.set_defaults(func=scaffold.main)
+
     for plugin_class in plugins.values():
         plugin_class.register_cli(sub)
     return parser
