@@ -415,6 +415,7 @@ class _FileChecker:
         routes = self._routes(data)
         if gateway is not None:
             self._check_clashes(gateway, api, plugins, sinks)
+        self._check_fleet(plugins, sinks)
 
         if self.errors:
             raise ConfigError(self.format(self.errors))
@@ -431,6 +432,19 @@ class _FileChecker:
         )
         config.warnings = self.format(self.warnings)  # type: ignore[attr-defined]
         return config
+
+    def _check_fleet(self, plugins: dict[str, Any], sinks: dict[str, Any]) -> None:
+        """``fleet: true`` needs the fleet's box statuses, which an mqtt sink (gatewayd's own
+        topics, not ``format: thingsboard``) reads: refuse it without one."""
+        if fleet_sink(sinks) is not None:
+            return
+        for name, section in plugins.items():
+            if getattr(section, "fleet", False):
+                self.error(
+                    ("plugins", name, "fleet"),
+                    "fleet: true needs an mqtt sink (format: gatewayd) to the fleet's broker, "
+                    "where the boxes' statuses say which boxes are live; none is configured",
+                )
 
     def _check_api(self, api: ApiSection) -> None:
         """What would stop the daemon only after its plugins started: an unreadable or empty
@@ -747,6 +761,18 @@ def _section(data: dict[Any, Any], key: str, default: Any) -> Any:
 
 
 # --- public entry points -------------------------------------------------------------------------
+
+
+def fleet_sink(sinks: Mapping[str, Any]) -> str | None:
+    """The sink that reads the fleet's box statuses for ``fleet: true`` plugins: the first mqtt
+    sink (by name) on gatewayd's own topics; None when there is none."""
+    for name in sorted(sinks):
+        section = sinks[name]
+        if getattr(section, "type", None) == "mqtt" and getattr(section, "format", None) == (
+            "gatewayd"
+        ):
+            return name
+    return None
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

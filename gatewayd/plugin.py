@@ -354,6 +354,9 @@ class PluginContext:
         #: The command invocation running now (set by the dispatcher, see ``invoked``); a
         #: handler reads it synchronously, before it returns its Deferred.
         self.invocation: Invocation = DIRECT
+        #: The fleet's membership (``gatewayd.fleet.membership.Membership``) when the daemon
+        #: runs a plugin with ``fleet: true``; None otherwise.
+        self.fleet: Any = None
         self._report: CommandReport | None = None  # the command being called (``reporting``)
         self.not_stored = 0  # events record() could not make durable
         self._not_stored_log = LogThrottle(reactor.seconds, NOT_STORED_LOG_INTERVAL)

@@ -24,10 +24,12 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from gatewayd.commands import CommandDispatcher, IdempotencyStore
+from gatewayd.config import fleet_sink
 from gatewayd.config_model import Config
 from gatewayd.delivery import SinkRunner
 from gatewayd.events import Event
 from gatewayd.files import private_dir, read_private_text, tighten
+from gatewayd.fleet.membership import Membership
 from gatewayd.health import box_status
 from gatewayd.history import History
 from gatewayd.host import PluginHost
@@ -126,6 +128,14 @@ class Daemon:
         self._event_watchers: list[Callable[[Event], None]] = []
         #: Rates and queue depths of the last hour, sampled in memory (the status page charts).
         self.history = History(self, reactor)
+        #: The live boxes of the fleet, when a plugin runs with ``fleet: true`` (read by the
+        #: mqtt sink ``fleet_sink`` names); decided at start, a reload does not change it.
+        self.fleet: Membership | None = None
+        self._fleet_sink = fleet_sink(config.sinks)
+        if self._fleet_sink is not None and any(
+            getattr(section, "fleet", False) for section in config.plugins.values()
+        ):
+            self.fleet = Membership(self.gateway_id, reactor)
 
     def _warn_of_stranded_queues(self) -> None:
         directory = self.state_dir / "queues"
@@ -315,6 +325,7 @@ class Daemon:
             commands=self.commands,
             status=self.box_status,
             presence=self.device_elsewhere,
+            fleet=self.fleet if name == self._fleet_sink else None,
         )
         sink = config.sink_classes[name](name, sink_config, context)
         runner = SinkRunner(sink, queue, sink_config, self.reactor, log=context.log)
@@ -336,7 +347,7 @@ class Daemon:
         return pipeline
 
     def _make_host(self, name: str, config: Config) -> PluginHost:
-        return PluginHost(
+        host = PluginHost(
             name,
             config.plugin_classes[name],
             config.plugins[name],
@@ -346,6 +357,8 @@ class Daemon:
             emit=self.emit,
             keys=self.queue_store,
         )
+        host.context.fleet = self.fleet
+        return host
 
     # --- reload -----------------------------------------------------------------------------
 

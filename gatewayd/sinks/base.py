@@ -33,6 +33,9 @@ class SinkContext:
     publishes it (the MQTT sink's status topic); None outside the daemon.
     ``presence(plugin, device, gateway, since)`` tells the daemon another box announced a device
     online (the MQTT sink's ``watch_presence``); None outside the daemon.
+    ``fleet`` is the daemon's ``gatewayd.fleet.membership.Membership`` when a plugin runs with
+    ``fleet: true`` and this sink is the one that feeds it the fleet's box statuses (None
+    otherwise).
     ``retry_now()`` cuts the delivery loop's backoff short: call it when the sink learns its
     destination is back (a reconnected link), so recovery does not wait up to ``retry_max``.
     """
@@ -46,6 +49,7 @@ class SinkContext:
     status: Callable[[bool], dict[str, Any]] | None = None
     presence: Callable[[str, str, str, float], None] | None = None
     retry_now: Callable[[], None] = lambda: None
+    fleet: Any = None
 
 
 class Sink:

@@ -255,13 +255,20 @@ class MqttSink(Sink):
         return client
 
     def _state_changed(self, client: _SinkClient, state: str) -> None:
-        """Connected: announce ``online`` (and again every ``status_interval``). Any other
-        state: the batch in flight has failed."""
+        """Connected: announce ``online`` (and again every ``status_interval``), retry a failed
+        batch now, let the fleet membership settle. Any other state: the batch in flight has
+        failed, and this box owns no fleet device while it cannot see the fleet."""
+        fleet = self.context.fleet
         if state == CONNECTED:
             self._publish_status(client)
             self._start_status_updates(client)
             self.context.retry_now()  # a batch that failed with the link goes now
-        elif self._batch is not None and self._batch.client is client:
+            if fleet is not None:
+                fleet.link_up()
+            return
+        if fleet is not None:
+            fleet.link_down()
+        if self._batch is not None and self._batch.client is client:
             batch = self._batch
             batch.fail(
                 NotConnected(
@@ -316,6 +323,8 @@ class MqttSink(Sink):
             topics.append((PRESENCE_FILTER, 1))
         if self.thingsboard is not None:
             topics.append((self.thingsboard.subscription, 1))
+        if self.context.fleet is not None:
+            topics.append((STATUS_FILTER, 1))
         return topics
 
     def _on_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:
@@ -324,6 +333,9 @@ class MqttSink(Sink):
             return self.thingsboard.handle(topic, payload, qos, retain)
         if topic.startswith("gatewayd/") and "/devices/" in topic:
             self._presence_seen(topic, payload)
+            return None
+        if topic.startswith("gatewayd/") and topic.endswith("/status"):
+            self._status_seen(topic, payload)
             return None
         if self.channel is None:
             return None
@@ -336,6 +348,14 @@ class MqttSink(Sink):
         if notice is None or report is None or notice[2] == self.gateway:
             return
         report(*notice)
+
+    def _status_seen(self, topic: str, payload: bytes) -> None:
+        """``gatewayd/{gw}/status`` of a box (this one's too): tell the fleet membership."""
+        levels = topic.split("/")
+        fleet = self.context.fleet
+        if fleet is None or len(levels) != 3:
+            return
+        fleet.status(unquote(levels[1]), payload)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
         """One message on the sink's connection (command answers); raises NotConnected."""
@@ -396,6 +416,8 @@ class MqttSink(Sink):
 
 #: Every box's device presence (``watch_presence``).
 PRESENCE_FILTER = "gatewayd/+/devices/+/+"
+#: Every box's status (a plugin with ``fleet: true``: the live boxes).
+STATUS_FILTER = "gatewayd/+/status"
 
 
 def parse_presence(topic: str, payload: bytes) -> tuple[str, str, str, float] | None:

@@ -84,6 +84,9 @@ class HeatingCommands:
         """Publish a command and register it for correlation (404, 409, 503 raised here)."""
         if gw_id == hygw.BROADCAST_GW_ID:
             raise BadArguments("gw_id: the broadcast id cannot be answered; name one gateway")
+        refusal = self.fleet.refusal(gw_id) if self.fleet is not None else None
+        if refusal is not None:
+            raise refusal
         gateway = self.registry.get(gw_id)
         if not allow_unknown:
             if gateway is None:

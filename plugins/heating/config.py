@@ -57,6 +57,10 @@ class HeatingConfig(PluginConfig):
     #: payload from the same gateway is stored once (its events' idempotency keys are kept this
     #: long, across restarts). 0 or null: no keys, every delivery is stored.
     dedupe_window: Duration | None = 300.0
+    #: Share the gateways with the other boxes of a fleet on the same broker: each gateway is
+    #: handled by exactly one live box (rendezvous hashing over the boxes whose status says
+    #: online, read by an mqtt sink); messages of the others' gateways are dropped undecoded.
+    fleet: bool = False
 
     @field_validator("topic_prefix")
     @classmethod

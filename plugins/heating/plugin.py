@@ -55,6 +55,7 @@ from .commands import BrokerUnavailable, HeatingCommands
 from .config import (
     HeatingConfig,
 )
+from .fleet import FleetShare
 from .messages import (
     KEYED_MSG_IDS,
     MAX_PAYLOAD,
@@ -78,9 +79,11 @@ from .state import STAT, Correlator, Gateway, GatewayRegistry, PendingCommand
 __all__ = ["BrokerUnavailable", "HeatingPlugin", "message_identity", "periods_data", "status_data"]
 
 
-def default_client_id(instance: str) -> str:
-    """``gatewayd-<host>-<instance>``: unique per box and plugin instance, never a gw_id."""
-    raw = f"gatewayd-{socket.gethostname()}-{instance}"
+def default_client_id(instance: str, box: str | None = None) -> str:
+    """``gatewayd-<host>-<instance>``: unique per box and plugin instance, never a gw_id. In a
+    fleet (``box``: the gateway.id) ``gatewayd-<box>-<instance>``: boxes may share a host name
+    (containers), and two clients with one id on one broker throw each other off."""
+    raw = f"gatewayd-{box or socket.gethostname()}-{instance}"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:64]
 
 
@@ -107,6 +110,7 @@ class HeatingPlugin(HeatingCommands, Plugin):
         #: Seconds the queues keep a report's keys (``dedupe_window``); 0: no keys.
         self.dedupe_window = config.dedupe_window or 0.0
         self._housekeeping: task.LoopingCall | None = None
+        self.fleet: FleetShare | None = None  # fleet: true, once started
         self._handlers: dict[int, Callable[..., None]] = {
             MSG_STATUS: self._on_status,
             MSG_PERIODS: self._on_periods,
@@ -121,7 +125,16 @@ class HeatingPlugin(HeatingCommands, Plugin):
 
     def start(self) -> None:
         config = self.config
-        self.client_id = config.broker.client_id or default_client_id(self.name)
+        if config.fleet:
+            if self.context.fleet is None:
+                raise ValueError(
+                    "fleet: true needs an mqtt sink that reads the fleet's box statuses "
+                    "(a reload cannot add the first fleet plugin: restart the daemon)"
+                )
+            self.fleet = FleetShare(self, self.context.fleet)
+        self.client_id = config.broker.client_id or default_client_id(
+            self.name, self.context.gateway_id if config.fleet else None
+        )
         self.link = self.link_factory(
             self.reactor,
             config.broker,
@@ -140,6 +153,8 @@ class HeatingPlugin(HeatingCommands, Plugin):
         self._housekeeping.start(self._housekeeping_interval(), now=False)
 
     def stop(self) -> defer.Deferred:
+        if self.fleet is not None:
+            self.fleet.close()
         if self._housekeeping is not None and self._housekeeping.running:
             self._housekeeping.stop()
         self.correlator.fail_all(
@@ -177,6 +192,16 @@ class HeatingPlugin(HeatingCommands, Plugin):
             "commands_in_flight",
             "Commands waiting for a gateway",
             lambda: len(self.correlator.pending),
+        )
+        metrics.gauge(
+            "fleet_skipped_total",
+            "Messages of gateways another box of the fleet handles (fleet: true), not decoded",
+            lambda: self.fleet.skipped if self.fleet is not None else 0,
+        )
+        metrics.gauge(
+            "fleet_gateways_owned",
+            "Gateways heard within offline_after that this box handles (fleet: true)",
+            lambda: self.fleet.owned_count() if self.fleet is not None else 0,
         )
         metrics.gauge(
             "unknown_messages",
@@ -224,6 +249,8 @@ class HeatingPlugin(HeatingCommands, Plugin):
 
     def on_mqtt_message(self, topic: str, payload: bytes, qos: int, retain: bool) -> Any:
         """One MQTT message; returns a Deferred that fires when its events are durable."""
+        if self.fleet is not None and not self.fleet.keeps(topic):
+            return None  # another box's gateway: counted, not decoded
         self.context.frame_in()
         with self.context.handling(None, lambda: _text(payload)[:MAX_RAW], topic=topic) as handled:
             return self._dispatch(topic, payload, bool(qos or retain))
