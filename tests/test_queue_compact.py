@@ -184,3 +184,23 @@ def test_below_the_thresholds_free_pages_stay_for_reuse(tmp_path: Path) -> None:
     compactor.step(conn, 30.0, idle=True)
     assert space(conn)[2] == 0 and not compactor.running
     conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_queue_cuts_a_large_wal_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The WAL grows to an eighth of max_bytes between checkpoints; idle, it is cut to nothing
+    at the next chore, with the entries kept."""
+    monkeypatch.setattr(DurableQueue, "chores_interval", 0.1)
+    store = QueueStore(tmp_path, reactor, housekeeping_interval=0.05)
+    store.start()
+    try:
+        queue = store.queue("q", max_bytes=BIG, max_age=1e9, overflow="drop_oldest")
+        await queue.when_open()
+        await fill(queue, 8)
+        await wait_until(lambda: on_disk(queue.path)[1] == 0, timeout=5)
+        await wait_until(lambda: queue.disk_bytes == on_disk(queue.path)[0], timeout=2)
+        assert queue.depth == 8000
+    finally:
+        await store.stop()

@@ -47,6 +47,9 @@ class DurableQueue(QueueFile):
     #: Seconds between the chores of ``_housekeep`` (held-back deletes, key expiry, the probe
     #: that clears ``error`` once the disk takes writes again, ``disk_bytes``).
     chores_interval = 10.0
+    #: At a chore with nothing waiting, a WAL larger than this is checkpointed and cut to
+    #: nothing (it grows to an eighth of ``max_bytes`` between checkpoints when busy).
+    wal_idle_bytes = 4 * 1024 * 1024
 
     def __init__(
         self,
@@ -81,6 +84,7 @@ class DurableQueue(QueueFile):
         self.error: str | None = None
         self.error_since: float | None = None
         self.disk_bytes = 0
+        self._wal_bytes = 0  # the WAL's part of disk_bytes
         self._failed_log = LogThrottle(store._clock)
         self._open_outcome: Failure | None = None  # set once the open was tried
         self._open_waiters: list[defer.Deferred] = []

@@ -138,11 +138,14 @@ class QueueFile:
 
     def _measure(self) -> None:
         """``disk_bytes``: the file and its WAL as they are on disk now."""
-        total = 0
+        sizes = []
         for suffix in ("", "-wal"):
-            with contextlib.suppress(OSError):
-                total += os.stat(f"{self.path}{suffix}").st_size
-        self.disk_bytes = total
+            try:
+                sizes.append(os.stat(f"{self.path}{suffix}").st_size)
+            except OSError:
+                sizes.append(0)
+        self.disk_bytes = sum(sizes)
+        self._wal_bytes = sizes[1]
 
     def _process(
         self,
@@ -492,7 +495,8 @@ class QueueFile:
     def _housekeep(self, now: float, fire: list) -> None:
         """Periodic chores: ``max_age`` expiry (at most once a second), a compaction step when
         due (``_compact``); once every ten seconds, deletes a full disk held back, expired keys,
-        a probe while failing, the size on disk."""
+        a probe while failing, the WAL cut back when nothing waits and it is over
+        ``wal_idle_bytes``, the size on disk."""
         if self._conn is None:
             return
         self._expire(now, fire)
@@ -522,7 +526,8 @@ class QueueFile:
         else:
             freed = self._deleted < acked
             self._deleted = max(self._deleted, acked)
-            if freed or self.error is not None:
+            idle = not self._puts and not self._commands  # a hint, read without the lock
+            if freed or self.error is not None or (idle and self._wal_bytes > self.wal_idle_bytes):
                 self._give_back_wal(conn)
             if self.error is not None:
                 fire.append((self._clear_error, None))
