@@ -63,6 +63,12 @@ def run_daemon(
         signal.signal(signal.SIGHUP, hangups.received)
 
         async def shutdown() -> None:
+            # What the demo's devices did while the daemon ran (its stop closes their links).
+            summaries = [
+                summary_text(summary_record(sim, time.monotonic() - demo_started[0]), sim)
+                for sim in simulators
+                if isinstance(sim, Simulator)
+            ]
             # The daemon first: its plugins then see their devices still there while stopping.
             stopping = daemon.stop()
             timeout = config.gateway.shutdown_timeout
@@ -73,9 +79,8 @@ def run_daemon(
                 log.error("shutdown took longer than {t} s; exiting anyway", t=timeout)
             for sim in simulators:
                 await defer.maybeDeferred(sim.stop)
-                if isinstance(sim, Simulator):  # one line each: what the demo's devices did
-                    record = summary_record(sim, time.monotonic() - demo_started[0])
-                    log.info("demo: {summary}", summary=summary_text(record, sim))
+            for line in summaries:
+                log.info("demo: {summary}", summary=line)
 
         reactor.addSystemEventTrigger(
             "before", "shutdown", lambda: defer.ensureDeferred(shutdown())
