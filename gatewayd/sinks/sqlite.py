@@ -33,7 +33,7 @@ from typing import Literal
 from gatewayd.events import Event, EventDecodeError, encode_json
 from gatewayd.files import create_private_file
 from gatewayd.queue.compact import INCREMENTAL, Compactor, auto_vacuum, prepare, space
-from gatewayd.schema import PositiveDuration, SinkConfig
+from gatewayd.schema import LocalSinkConfig, PositiveDuration
 from gatewayd.sinks.base import BlockingSink
 
 __all__ = ["SqliteSink", "SCHEMA"]
@@ -83,7 +83,7 @@ class SinkCompactor(Compactor):
 class SqliteSink(BlockingSink):
     """Writes events into a SQLite table on the sink's own thread."""
 
-    class Config(SinkConfig):
+    class Config(LocalSinkConfig):
         type: str = "sqlite"
         #: The database file; relative paths are relative to ``gateway.state_dir``.
         path: Path = Path("events.db")
