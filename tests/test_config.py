@@ -1056,9 +1056,9 @@ def test_reference_config_core_sections_hold_every_key_at_its_default() -> None:
     (route,) = data["routes"]
     assert set(route) == set(RouteConfig.model_fields)
     assert set(route["match"]) == set(MatchConfig.model_fields)
-    store = data["sinks"]["store"]
-    common = {key: store[key] for key in SinkConfig.model_fields}
-    assert SinkConfig.model_validate(common) == SinkConfig(type="sqlite")
+    store = data["sinks"]["store"]  # a local sink: its retry_max default is LocalSinkConfig's
+    common = {key: store[key] for key in LocalSinkConfig.model_fields}
+    assert LocalSinkConfig.model_validate(common) == LocalSinkConfig(type="sqlite")
 
 
 def test_reference_config_sqlite_sink_at_its_defaults() -> None:
