@@ -38,6 +38,7 @@ from gatewayd.plugin import Plugin
 from gatewayd.schema import (
     ConfigModel,
     HostPort,
+    LocalSinkConfig,
     PluginConfig,
     Secret,
     SinkConfig,
