@@ -192,10 +192,15 @@ def run_simulator(simulator_class: Any, args: Any, duration: float | None = None
                 await defer.maybeDeferred(simulator.stop)
             except Exception:
                 log.failure("simulator stop failed")
-            if started:  # a simulator that never ran has nothing to say
+            if not started:  # a simulator that never ran has nothing to say
+                return
+            try:
                 record = summary_record(simulator, time.monotonic() - started[0])
                 line = json.dumps(record) if as_json else summary_text(record, simulator)
-                print(line, file=out, flush=True)
+            except Exception:  # a summary() that raised, or a value JSON cannot hold
+                log.failure("simulator summary failed")
+                return
+            print(line, file=out, flush=True)
 
         reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(stop()))
         try:
