@@ -18,7 +18,7 @@ import pytest
 
 from gatewayd.fleet.membership import rendezvous_owner
 from gatewayd.testing import free_port
-from gatewayd.testing.processes import signal_and_wait
+from gatewayd.testing.processes import poll_until, signal_and_wait
 
 BOXES = ("t1", "t2", "t3")
 GATEWAYS = 30
@@ -95,16 +95,6 @@ def readings(tmp_path: Path) -> dict[str, list[tuple[str, str, str, float]]]:
     return {box: stored(tmp_path, box) for box in BOXES}
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def fleet_command(broker: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "gatewayd", "fleet", "command", "--broker", f"127.0.0.1:{broker}"]
@@ -121,7 +111,7 @@ def test_three_boxes_share_thirty_gateways_each_reading_stored_once(tmp_path, mo
     configs = {box: box_config(tmp_path, box, broker) for box in BOXES}
     daemons = {box: start(configs[box]) for box in BOXES}
     for box in BOXES:  # each box owns its share once it has seen the fleet (settled)
-        wait_for(lambda box=box: "owns its share now" in log_of(configs[box]), 30, f"{box} ready")
+        poll_until(lambda box=box: "owns its share now" in log_of(configs[box]), 30, f"{box} ready")
     simulator = subprocess.Popen(
         [sys.executable, "-m", "gatewayd", "simulate", "heating", "--broker", f"127.0.0.1:{broker}"]
         + ["--gateways", str(GATEWAYS), "--meters", "2", "--interval", "2", "--json"],
@@ -134,7 +124,7 @@ def test_three_boxes_share_thirty_gateways_each_reading_stored_once(tmp_path, mo
         def every_gateway_stored() -> bool:
             return len({r[0] for rows in readings(tmp_path).values() for r in rows}) == GATEWAYS
 
-        wait_for(every_gateway_stored, 30, "readings of every gateway")
+        poll_until(every_gateway_stored, 30, "readings of every gateway")
         time.sleep(4)
         found = readings(tmp_path)
         gateways = sorted({r[0] for rows in found.values() for r in rows})
@@ -173,7 +163,7 @@ def test_three_boxes_share_thirty_gateways_each_reading_stored_once(tmp_path, mo
                         firsts[g] = min(firsts.get(g, received), received)
             return firsts if len(firsts) == len(moved) else None
 
-        firsts = wait_for(taken_over, 30, "the victim's gateways on the other boxes")
+        firsts = poll_until(taken_over, 30, "the victim's gateways on the other boxes")
         window = max(firsts.values()) - killed_at
         print(f"hand-over after kill -9: every gateway's next reading stored within {window:.1f} s")
         answer = fleet_command(
@@ -191,7 +181,7 @@ def test_three_boxes_share_thirty_gateways_each_reading_stored_once(tmp_path, mo
         def back() -> bool:
             return {g for g, _, _, t in stored(tmp_path, victim) if t > restarted_at} == set(moved)
 
-        wait_for(back, 30, "the victim's gateways back on it")
+        poll_until(back, 30, "the victim's gateways back on it")
         time.sleep(4)
         last_elsewhere = max(
             (t for box in ("t1", "t3") for g, _, _, t in stored(tmp_path, box) if g in moved),

@@ -22,8 +22,9 @@ from typing import Any
 from gatewayd.protocols import powerbank as pb
 
 from gatewayd.testing import free_port, wait_for_port
+from gatewayd.testing.processes import poll_until as wait_until
 from gatewayd.testing.processes import signal_and_wait
-from tests.test_supervision_daemon import events, get, wait_until
+from tests.test_supervision_daemon import events, get
 
 IMEI = "860000000000001"
 CODEC = pb.Codec()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gatewayd.testing import free_port, wait_for_port
+from gatewayd.testing.processes import poll_until as wait_until
 from gatewayd.testing.processes import signal_and_wait
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,16 +31,6 @@ def get(api_port: int, path: str) -> tuple[int, Any]:
     except urllib.error.HTTPError as error:
         body, status = error.read(), error.code
     return status, (json.loads(body) if path != "/metrics" else body.decode())
-
-
-def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def events(db: Path) -> list[tuple[str, str | None, dict]]:
