@@ -23,7 +23,6 @@ Secret values (fields typed ``gatewayd.schema.Secret``, keys named like ``passwo
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -32,12 +31,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from inspect import isclass
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Any, get_args, get_origin
 
-from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from gatewayd import registry
+from gatewayd.config_explain import (
+    MISSING,
+    Problem,
+    alternatives,
+    annotation_at,
+    data_path,
+    describe,
+    explain,
+    field_keys,
+    holds_secret,
+    is_model,
+    merge,
+    value_at,
+)
 from gatewayd.config_model import ApiSection, Config, GatewaySection, RouteConfig
 from gatewayd.files import NotPrivateError, read_private_text
 from gatewayd.plugin import Plugin
@@ -121,224 +133,6 @@ def expand_variables(text: str, environ: Mapping[str, str]) -> str:
     return _REFERENCE.sub(replace, text)
 
 
-# --- describing values and pydantic errors -------------------------------------------------------
-
-
-def describe(value: Any) -> str:
-    """A short, YAML-flavoured rendering of a config value for messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list | tuple):
-        return "a list"
-    return str(value)
-
-
-_EXPECTED = {
-    **dict.fromkeys(
-        ["int_type", "int_parsing", "int_from_float", "int_parsing_size"], "an integer"
-    ),
-    **dict.fromkeys(["float_type", "float_parsing", "decimal_type", "decimal_parsing"], "a number"),
-    "finite_number": "a finite number",
-    **dict.fromkeys(["bool_type", "bool_parsing"], "true or false"),
-    **dict.fromkeys(["string_type", "string_sub_type", "bytes_type"], "a string"),
-    **dict.fromkeys(
-        ["dict_type", "mapping_type", "model_type", "model_attributes_type", "dataclass_type"],
-        "a mapping",
-    ),
-    **dict.fromkeys(
-        ["list_type", "tuple_type", "set_type", "frozen_set_type", "iterable_type"], "a list"
-    ),
-    "path_type": "a file path",
-    "none_required": "null",
-    **dict.fromkeys(["url_type", "url_parsing", "url_scheme"], "a URL"),
-}
-
-_BOUNDS = {
-    "greater_than": ("gt", ">"),
-    "greater_than_equal": ("ge", ">="),
-    "less_than": ("lt", "<"),
-    "less_than_equal": ("le", "<="),
-}
-
-_NOT_SHOWN = "the value is secret and not shown"
-_MISSING = "required key missing"
-
-
-@dataclass
-class _Problem:
-    """One message in two parts so that union branches can be merged (``expected A or B``)."""
-
-    head: str
-    got: str | None = None
-    #: For an unknown key: the known key it probably is a typo of.
-    suggestion: str | None = None
-
-    def text(self) -> str:
-        return self.head if self.got is None else f"{self.head}, got {self.got}"
-
-
-def _expected_and_got(expected: str, value: Any, secret: bool) -> _Problem:
-    if secret:
-        return _Problem(f"expected {expected} ({_NOT_SHOWN})")
-    return _Problem(f"expected {expected}", describe(value))
-
-
-def _explain(error: Mapping[str, Any], secret: bool, choices: Sequence[str]) -> _Problem:
-    """A readable message for one pydantic error; never includes the value when ``secret``."""
-    kind = error["type"]
-    ctx = error.get("ctx") or {}
-    value = error.get("input")
-    if kind == "missing":
-        return _Problem(_MISSING)
-    if kind == "extra_forbidden":
-        key = str(error["loc"][-1]) if error["loc"] else ""
-        close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
-        if close:
-            return _Problem(f"unknown key (did you mean {close[0]!r}?)", suggestion=close[0])
-        return _Problem("unknown key")
-    if kind in ("value_error", "assertion_error"):
-        message = str(error["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if secret and isinstance(value, str | int | float) and str(value) in message:
-            return _Problem(f"invalid value ({_NOT_SHOWN})")
-        return _Problem(message)
-    if kind == "string_type" and isinstance(value, int | float) and not secret:
-        return _Problem("expected a string", f"{describe(value)} (put it in quotes)")
-    if kind in _EXPECTED:
-        return _expected_and_got(_EXPECTED[kind], value, secret)
-    if kind in ("literal_error", "enum"):
-        options = str(ctx.get("expected", "")).rsplit(" or ", 1)
-        problem = _expected_and_got("one of " + ", ".join(options), value, secret)
-        if isinstance(value, bool) and not secret:  # ``synchronous: off`` is YAML for false
-            problem.got = f"{describe(value)} (put it in quotes)"
-        return problem
-    if kind in _BOUNDS:
-        name, sign = _BOUNDS[kind]
-        return _expected_and_got(f"a value {sign} {ctx.get(name)}", value, secret)
-    if kind in ("string_too_short", "too_short"):
-        unit = "character" if isinstance(value, str | SecretStr) else "item"
-        count = ctx.get("min_length")
-        return _expected_and_got(f"at least {count} {unit}{'s' * (count != 1)}", value, secret)
-    if kind in ("string_too_long", "too_long"):
-        unit = "character" if isinstance(value, str | SecretStr) else "item"
-        count = ctx.get("max_length")
-        return _expected_and_got(f"at most {count} {unit}{'s' * (count != 1)}", value, secret)
-    if kind == "string_pattern_mismatch":
-        return _expected_and_got(f"a value matching {ctx.get('pattern')}", value, secret)
-    if kind == "multiple_of":
-        return _expected_and_got(f"a multiple of {ctx.get('multiple_of')}", value, secret)
-    message = str(error["msg"])
-    return _Problem(message) if secret else _Problem(message, describe(value))
-
-
-def _merge(problems: list[_Problem]) -> str:
-    """One message for several errors at one key (the branches of a union type)."""
-    if len(problems) == 1:
-        return problems[0].text()
-    gots = {p.got for p in problems}
-    if len(gots) == 1 and all(p.head.startswith("expected ") for p in problems):
-        heads = list(dict.fromkeys(p.head.removeprefix("expected ") for p in problems))
-        return _Problem("expected " + " or ".join(heads), problems[0].got).text()
-    return "; ".join(dict.fromkeys(p.text() for p in problems))
-
-
-# --- walking pydantic models along a key path ----------------------------------------------------
-
-
-def _alternatives(annotation: Any) -> list[Any]:
-    """The concrete types an annotation allows: ``Annotated`` unwrapped, unions flattened."""
-    origin = get_origin(annotation)
-    if origin is Annotated:
-        return _alternatives(get_args(annotation)[0])
-    if origin is Union or origin is UnionType:
-        return [alt for arg in get_args(annotation) for alt in _alternatives(arg)]
-    return [annotation]
-
-
-def _is_model(annotation: Any) -> bool:
-    return isclass(annotation) and issubclass(annotation, BaseModel)
-
-
-def _field_keys(model: type[BaseModel]) -> dict[str, str]:
-    """Key as written in the file → field name (aliases included)."""
-    keys: dict[str, str] = {}
-    for name, info in model.model_fields.items():
-        keys[name] = name
-        for alias in (info.alias, info.validation_alias):
-            if isinstance(alias, str):
-                keys[alias] = name
-    return keys
-
-
-_NO_STEP = object()
-
-
-def _step(annotation: Any, element: Any) -> Any:
-    """The annotation one key or index below ``annotation``, or _NO_STEP (a union branch tag)."""
-    for alternative in _alternatives(annotation):
-        if _is_model(alternative) and isinstance(element, str):
-            name = _field_keys(alternative).get(element)
-            if name is not None:
-                return alternative.model_fields[name].annotation
-        origin, args = get_origin(alternative), get_args(alternative)
-        if origin in (list, tuple, set, frozenset, Sequence) and isinstance(element, int) and args:
-            return args[0]
-        if origin in (dict, Mapping) and len(args) == 2 and isinstance(element, str):
-            return args[1]
-    return _NO_STEP
-
-
-def _annotation_at(model: type[BaseModel], loc: Sequence[Any]) -> Any:
-    annotation: Any = model
-    for element in loc:
-        below = _step(annotation, element)
-        if below is not _NO_STEP:
-            annotation = below
-    return annotation
-
-
-def _holds_secret(annotation: Any) -> bool:
-    return any(
-        isclass(alt) and issubclass(alt, SecretStr | SecretBytes)
-        for alt in _alternatives(annotation)
-    )
-
-
-def _data_path(data: Any, loc: Sequence[Any], missing: bool) -> KeyPath:
-    """The key path of a pydantic ``loc`` within ``data``: union branch tags are dropped, and
-    for a missing key the path ends with that key."""
-    path: list[Any] = []
-    current = data
-    for index, element in enumerate(loc):
-        if _has(current, element):
-            path.append(element)
-            current = current[element]
-        elif missing and index == len(loc) - 1:
-            path.append(element)
-    return tuple(path)
-
-
-def _has(container: Any, element: Any) -> bool:
-    if isinstance(container, dict):
-        return element in container
-    return (
-        isinstance(container, list) and isinstance(element, int) and 0 <= element < len(container)
-    )
-
-
-def _value_at(data: Any, path: KeyPath) -> Any:
-    for element in path:
-        if not _has(data, element):
-            return None
-        data = data[element]
-    return data
-
-
 # --- checking one file ---------------------------------------------------------------------------
 
 
@@ -402,7 +196,7 @@ class _FileChecker:
         for key in data:
             if key not in SECTIONS:
                 unknown = {"type": "extra_forbidden", "loc": (key,)}
-                self.error((key,), _explain(unknown, False, SECTIONS).text())
+                self.error((key,), explain(unknown, False, SECTIONS).text())
 
         gateway = self._validate(GatewaySection, _section(data, "gateway", {}), ("gateway",))
         api = self._validate(ApiSection, _section(data, "api", {}), ("api",))
@@ -530,7 +324,7 @@ class _FileChecker:
         """``data`` with every ``X_file`` the model does not declare replaced by ``X``."""
         if not isinstance(data, dict):
             return data
-        keys = _field_keys(model)
+        keys = field_keys(model)
         result = dict(data)
         for key, value in data.items():
             if not (isinstance(key, str) and key.endswith("_file")) or key in keys:
@@ -567,11 +361,11 @@ class _FileChecker:
         return result
 
     def _secret_files_below(self, annotation: Any, value: Any, path: KeyPath) -> Any:
-        alternatives = _alternatives(annotation)
-        models = [alt for alt in alternatives if _is_model(alt)]
+        options = alternatives(annotation)
+        models = [alt for alt in options if is_model(alt)]
         if isinstance(value, dict) and len(models) == 1:
             return self._secret_files(models[0], value, path)
-        for alternative in alternatives:
+        for alternative in options:
             origin, args = get_origin(alternative), get_args(alternative)
             if origin in (list, Sequence) and args and isinstance(value, list):
                 return [
@@ -600,27 +394,27 @@ class _FileChecker:
         self, exc: ValidationError, model: type[BaseModel], data: Any, base: KeyPath
     ) -> None:
         """Turn every error of one section into a located message (union branches merged)."""
-        problems: dict[KeyPath, list[_Problem]] = {}
+        problems: dict[KeyPath, list[Problem]] = {}
         for error in exc.errors(include_url=False):
             loc = error["loc"]
-            relative = _data_path(data, loc, error["type"] == "missing")
+            relative = data_path(data, loc, error["type"] == "missing")
             path = base + relative
             if self._already_reported(path):
                 continue
             choices: list[str] = []
             if error["type"] == "extra_forbidden":
                 parent = [
-                    alt for alt in _alternatives(_annotation_at(model, loc[:-1])) if _is_model(alt)
+                    alt for alt in alternatives(annotation_at(model, loc[:-1])) if is_model(alt)
                 ]
-                present = _value_at(data, relative[:-1])
+                present = value_at(data, relative[:-1])
                 if parent:
                     choices = [
                         key
-                        for key in _field_keys(parent[0])
+                        for key in field_keys(parent[0])
                         if not (isinstance(present, dict) and key in present)
                     ]
             problems.setdefault(path, []).append(
-                _explain(error, self._is_secret(model, loc, path), choices)
+                explain(error, self._is_secret(model, loc, path), choices)
             )
         # ``lisen: ...`` (did you mean 'listen'?) already explains why ``listen`` is missing.
         typos = {
@@ -630,12 +424,12 @@ class _FileChecker:
             if problem.suggestion
         }
         for path, found in problems.items():
-            if path in typos and all(p.head == _MISSING for p in found):
+            if path in typos and all(p.head == MISSING for p in found):
                 continue
-            self.error(path, _merge(found))
+            self.error(path, merge(found))
 
     def _is_secret(self, model: type[BaseModel], loc: Sequence[Any], path: KeyPath) -> bool:
-        if path in self.secret_paths or _holds_secret(_annotation_at(model, loc)):
+        if path in self.secret_paths or holds_secret(annotation_at(model, loc)):
             return True
         names = [element for element in path if isinstance(element, str)]
         if not names or names[-1].endswith("_file"):  # the path of a secret is not secret
