@@ -5,8 +5,9 @@ token lookup they share: ``-c FILE``, ``--api``, ``--token-file``). Without ``-c
 ``status`` and ``tail`` read ``/etc/gatewayd/gatewayd.yaml`` when it is readable, so on a box
 with a token they work as typed.
 
-Exit statuses, as ``systemctl status`` and ``gatewayd command`` use them: 0 ok, 1 degraded or
-an error answer from the API (printed), 2 usage or a bad config file, 3 the API cannot be reached.
+Exit statuses, as ``systemctl status`` and ``gatewayd command`` use them: 0 ok, 1 warning,
+degraded or an error answer from the API (printed), 2 usage or a bad config file, 3 the API
+cannot be reached.
 """
 
 from __future__ import annotations
@@ -150,13 +151,15 @@ def _rate(value: float | None, unit: str) -> str:
 
 def render_status(status: dict[str, Any]) -> str:
     """One screen, like ``systemctl status``: the box, its config, each plugin, each sink."""
-    mark = "●" if status.get("status") == "ok" else "×"
+    word = status.get("status")
+    mark = {"ok": "●", "warning": "!"}.get(word, "×")
     uptime = _duration(status.get("uptime_seconds"))
     lines = [
-        f"{mark} gatewayd {status.get('gateway')}: {status.get('status')}",
+        f"{mark} gatewayd {status.get('gateway')}: {word}",
         f"     Version: {status.get('version')}",
         f"      Active: since {status.get('started_at')}; up {uptime}",
     ]
+    lines.extend(f"     Warning: {warning}" for warning in status.get("warnings") or [])
     config = status.get("config") or {}
     if config:
         lines.append(f"      Config: {config.get('path')}, loaded {config.get('loaded_at')}")
