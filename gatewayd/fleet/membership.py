@@ -19,13 +19,12 @@ see the fleet owns nothing, so no device is handled twice.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
 
-from gatewayd.fleet.presence import BoxStatus
+from gatewayd.fleet.presence import parse_box_status
 
 __all__ = ["Membership", "rendezvous_owner"]
 
@@ -81,7 +80,8 @@ class Membership:
         """A retained status message of box ``gateway`` (empty: cleared)."""
         if gateway == self.me:
             return
-        online = bool(payload) and _online(gateway, payload)
+        box = parse_box_status(gateway, payload) if payload else None
+        online = box is not None and box.online
         if online == (gateway in self.others):
             return
         if online:
@@ -145,20 +145,3 @@ class Membership:
                 listener()
             except Exception:
                 log.failure("fleet: a membership listener failed")
-
-
-def _online(gateway: str, payload: bytes) -> bool:
-    """What a status payload says: the word, or an object's ``status``/``online``."""
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return False
-    status: Any = text
-    if text.startswith("{"):
-        try:
-            status = json.loads(text)
-        except ValueError:
-            return False
-        if not isinstance(status, dict):
-            return False
-    return BoxStatus(gateway, status).online

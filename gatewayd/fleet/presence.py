@@ -28,6 +28,7 @@ __all__ = [
     "BoxStatus",
     "Presence",
     "PresenceMap",
+    "parse_box_status",
     "parse_since",
     "unescape_level",
 ]
@@ -118,6 +119,24 @@ class BoxStatus:
         return {"gateway": self.gateway, "online": self.online, "status": self.status}
 
 
+def parse_box_status(gateway: str, payload: bytes) -> BoxStatus | None:
+    """A box's retained status message: a JSON object, or else the plain word; None when the
+    payload is not UTF-8. (An empty payload, a cleared status, is the caller's to handle.)"""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    status: str | dict[str, Any] = text.strip()
+    if text.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            status = parsed
+    return BoxStatus(gateway, status)
+
+
 class PresenceMap:
     """Devices and boxes as their retained topics say; feed it every message of ``topics``."""
 
@@ -156,20 +175,10 @@ class PresenceMap:
         if not payload:
             self.statuses.pop(gateway, None)
             return gateway
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
+        box = parse_box_status(gateway, payload)
+        if box is None:
             self.ignored += 1
             return None
-        status: str | dict[str, Any] = text.strip()
-        if text.lstrip().startswith("{"):
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, dict):
-                status = parsed
-        box = BoxStatus(gateway, status)
         self.statuses[gateway] = box
         return box
 
