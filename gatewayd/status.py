@@ -57,19 +57,13 @@ def _plugin_status(host: Any, rates: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _sink_status(runner: Any, health: dict[str, Any], rate: float | None) -> dict[str, Any]:
+    """The sink as ``/health`` reports it, with its type, delivered count and rate."""
     return {
         "type": getattr(getattr(runner, "config", None), "type", None),
-        "state": health.get("state", runner.state),
-        "last_error": health.get("last_error"),
-        "last_error_at": health.get("last_error_at"),
-        "recovered_at": health.get("recovered_at"),
-        "failing_seconds": health.get("failing_seconds"),
-        "warning": health.get("warning"),
-        "queued": health.get("queued"),
-        "oldest_age_seconds": health.get("oldest_age_seconds"),
+        "state": runner.state,
+        **health,
         "delivered": getattr(runner, "delivered", None),
         "delivery_rate": rate,
-        "queue": health.get("queue"),
     }
 
 
