@@ -9,8 +9,8 @@ from typing import Any, Protocol
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from gatewayd.api.common import HttpError, _listing, error_payload, log, respond, respond_error
-from gatewayd.commands.dispatch import CommandDispatcher
+from gatewayd.api.common import HttpError, error_payload, log, respond, respond_error
+from gatewayd.commands.dispatch import CommandDispatcher, Refusal
 from gatewayd.config_model import ApiSection
 from gatewayd.metrics import MetricsRenderer
 
@@ -66,14 +66,10 @@ class ApiState:
 
     def plugin_host(self, name: str) -> Any:
         """The PluginHost called ``name``; 404 listing the configured plugins otherwise."""
-        host = self.daemon.plugins.get(name)
-        if host is None:
-            raise HttpError(
-                404,
-                "not_found",
-                f"unknown plugin {name!r} (configured: {_listing(self.daemon.plugins)})",
-            )
-        return host
+        try:
+            return self.commands.host(name)
+        except Refusal as refusal:
+            raise HttpError(refusal.status, refusal.code, refusal.message) from None
 
     def now(self) -> float:
         return self.daemon.reactor.seconds()

@@ -134,9 +134,8 @@ class CommandDispatcher:
 
     # --- finding ---------------------------------------------------------------------------
 
-    def find(self, plugin: str, command: str) -> Target:
-        """The command ``command`` of plugin ``plugin``; Refusal 404 (or 503 while the plugin
-        is not even constructed, so its commands are unknown) otherwise. Not counted."""
+    def host(self, plugin: str) -> Any:
+        """The host of plugin instance ``plugin``; Refusal 404 listing the configured ones."""
         host = self.daemon.plugins.get(plugin)
         if host is None:
             raise Refusal(
@@ -144,6 +143,12 @@ class CommandDispatcher:
                 "not_found",
                 f"unknown plugin {plugin!r} (configured: {_listing(self.daemon.plugins)})",
             )
+        return host
+
+    def find(self, plugin: str, command: str) -> Target:
+        """The command ``command`` of plugin ``plugin``; Refusal 404 (or 503 while the plugin
+        is not even constructed, so its commands are unknown) otherwise. Not counted."""
+        host = self.host(plugin)
         if host.plugin is None:
             raise self._unavailable(plugin, host)
         commands = host.plugin.commands()
