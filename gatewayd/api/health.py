@@ -16,8 +16,6 @@ class HealthResource(JsonResource):
     ``degraded`` otherwise: what a load balancer should read. ``/health/strict`` answers 503 for
     ``warning`` too, for a monitor that only looks at the HTTP status."""
 
-    strict = False
-
     def __init__(self, api: Any, strict: bool = False) -> None:
         super().__init__(api)
         self.strict = strict
