@@ -108,7 +108,7 @@ def _answer(body: bytes) -> Any:
 
 
 def status_main(args: argparse.Namespace, stdout: Any = None, stderr: Any = None) -> int:
-    """Print the box's status; 0 when ok, 1 on warning, degraded or an API refusal, 3 unreachable."""
+    """Print the box's status; 0 ok, 1 warning, degraded or an API refusal, 3 unreachable."""
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
     try:
         target = _target(args, STATUS_TIMEOUT)
