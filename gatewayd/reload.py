@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gatewayd.config_model import Config
+from gatewayd.schema import PluginConfig
 
 __all__ = ["RESTART_ONLY", "Changes", "ReloadPlan", "plan_reload", "reload_record"]
 
@@ -108,8 +109,6 @@ def _equal_but(old: Any, new: Any, keys: frozenset[str]) -> bool:
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """What reloading from ``old`` to ``new`` does (neither is changed)."""
-    from gatewayd.schema import PluginConfig
-
     plugins = _diff(
         old.plugins,
         new.plugins,
